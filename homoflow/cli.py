@@ -1,0 +1,173 @@
+"""``homoflow run``: simulate gradient descent on a homogeneous model and report its margins."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+
+from . import data as data_mod
+from . import losses, models, schedules
+from .descent import RunStopped, descent
+from .plots import plot_trajectory
+from .problem import make_problem
+
+MODELS = ("mlp", "linear", "deep_linear", "diagonal_linear")
+ACTIVATION_CHOICES = ("relu", "leaky_relu", "relu_power", "quadratic")
+POLICIES = ("loss_based", "constant", "h_bound", "adam", "sgd_optax")
+
+
+def _build_model(args, dim, n_outputs):
+    if args.model == "linear":
+        return models.linear(dim, n_outputs)
+    if args.model == "deep_linear":
+        return models.deep_linear((dim,) + (args.width,) * (args.depth - 1) + (n_outputs,))
+    if args.model == "diagonal_linear":
+        if n_outputs != 1:
+            raise ValueError("diagonal_linear is a binary model; use --data separable")
+        return models.diagonal_linear(dim, args.depth)
+    act = {"relu": models.relu, "quadratic": models.quadratic,
+           "leaky_relu": lambda: models.leaky_relu(args.slope),
+           "relu_power": lambda: models.relu_power(args.alpha_power)}[args.activation]()
+    return models.mlp((dim,) + (args.width,) * (args.depth - 1) + (n_outputs,), act)
+
+
+def _build_policy(args):
+    if args.policy == "loss_based":
+        return schedules.loss_based(alpha0=args.alpha0)
+    if args.policy == "constant":
+        return schedules.constant(args.lr)
+    if args.policy == "h_bound":
+        return schedules.h_bound(c_eta=args.c_eta, lr_before_t0=args.lr)
+    import optax
+
+    opt = {"adam": optax.adam, "sgd_optax": optax.sgd}[args.policy]
+    return schedules.optax_optimizer(optax.inject_hyperparams(opt)(learning_rate=args.lr))
+
+
+def _summary_table(summary: dict) -> str:
+    rows = [("status", summary["status"]), ("iterations", summary["steps"]),
+            ("t0 (first L < l(b_f))", summary["t0_step"]),
+            ("log T", f"{summary['log_T']:.6g}"),
+            ("log10 L", f"{summary['log10_loss']:.6g}"),
+            ("rho = ||theta||", f"{summary['rho']:.6g}")]
+    if summary["separated"]:
+        rows += [("normalized margin gamma_bar", f"{summary['normalized_margin']:.10g}"),
+                 ("smoothed margin gamma_tilde", f"{summary['smoothed_margin']:.10g}"),
+                 ("descent margin gamma_hat", f"{summary['descent_margin']:.10g}"),
+                 ("1 - beta", f"{summary['one_minus_beta']:.4g}"),
+                 ("near-support points", summary["n_support"]),
+                 ("gamma_tilde decreases after t0", summary["smoothed_margin_decreases"]),
+                 ("gamma_hat decreases after t0", summary["descent_margin_decreases"])]
+    else:
+        rows.append(("margins", "not separated: no margin claims"))
+    rows.append(("wall time (s)", f"{summary['wall_time_s']:.2f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _run(args) -> int:
+    if args.data == "separable":
+        X, y = data_mod.linearly_separable(args.n, args.dim, args.data_seed)
+        n_outputs = 1
+    else:
+        X, y = data_mod.gaussian_classes(args.n, args.dim, args.classes, args.data_seed)
+        n_outputs = args.classes
+    if args.loss == "cross_entropy" and n_outputs == 1:
+        raise ValueError("--loss cross_entropy needs --data gaussian_classes")
+    model = _build_model(args, args.dim, n_outputs)
+    problem = make_problem(model, losses.get_loss(args.loss), X, y)
+    policy = _build_policy(args)
+    params0 = model.init(jax.random.PRNGKey(args.seed))
+    out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
+        "run-%Y%m%d-%H%M%S-%f")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    print(f"homoflow run: {model.name} (L = {model.order:g}, {len(jax.tree_util.tree_leaves(params0))} "
+          f"weight arrays) on {args.data} data (N = {args.n}, d = {args.dim}), {args.loss} loss, "
+          f"{policy.name} steps, {args.steps} iterations")
+    code = 0
+    try:
+        traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
+                       key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
+                       config=config)
+    except RunStopped as stop:
+        traj, code = stop.trajectory, 2
+        print(f"stopped: {stop}", file=sys.stderr)
+    traj.meta["seed"] = args.seed
+    traj.save(out)
+    plot_trajectory(traj, out)
+    summary = traj.summary()
+    print(_summary_table(summary))
+    if summary["status"] == "not_separated":
+        print(f"note: {summary['message']}")
+    print(f"run directory: {out}  (trajectory.csv, columns.npz, snapshots.npz, meta.json, "
+          f"summary.json, loss.png, margins.png, rho.png, beta.png)")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homoflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", help="run gradient descent on a homogeneous model",
+        description="Run gradient descent and record margins. The default problem: a "
+                    "bias-free two-layer ReLU network of width 100 on 100 linearly separable "
+                    "Gaussian points in 10 dimensions, exponential loss, the loss-based "
+                    "step-size scheduler of Appendix K.1, 10^4 iterations.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--model", choices=MODELS, default="mlp", help="model family")
+    run.add_argument("--activation", choices=ACTIVATION_CHOICES, default="relu",
+                     help="mlp activation")
+    run.add_argument("--slope", type=float, default=0.1, help="leaky_relu slope")
+    run.add_argument("--alpha-power", type=float, default=3.0,
+                     help="exponent of relu_power (smooth for > 2)")
+    run.add_argument("--width", type=int, default=100, help="hidden width (mlp, deep_linear)")
+    run.add_argument("--depth", type=int, default=2,
+                     help="number of weight layers (mlp, deep_linear, diagonal_linear)")
+    run.add_argument("--loss", choices=sorted(losses.LOSSES), default="exponential")
+    run.add_argument("--data", choices=sorted(data_mod.DATASETS), default="separable",
+                     help="separable: Gaussian points labelled by a hyperplane; "
+                          "gaussian_classes: --classes Gaussian clusters")
+    run.add_argument("--n", type=int, default=100, help="number of data points")
+    run.add_argument("--dim", type=int, default=10, help="input dimension")
+    run.add_argument("--classes", type=int, default=3, help="classes for gaussian_classes")
+    run.add_argument("--data-seed", type=int, default=0)
+    run.add_argument("--policy", choices=POLICIES, default="loss_based",
+                     help="step sizes: loss_based (eta = alpha/L, Appendix K.1), constant "
+                          "(--lr), h_bound (eta = H(L), Appendix E.1, needs --c-eta), or an "
+                          "optax optimizer (adam, sgd_optax) with --lr")
+    run.add_argument("--lr", type=float, default=1e-4,
+                     help="constant step; h_bound: step before t0; optax: learning rate")
+    run.add_argument("--alpha0", type=float, default=0.1, help="loss_based initial alpha")
+    run.add_argument("--c-eta", type=float, default=None, help="C_eta of the H(L) bound")
+    run.add_argument("--steps", type=int, default=10_000,
+                     help="iterations (GD steps, or SGD epochs with --batch-size)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="mini-batch size for SGD (default: full batch)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the initialization")
+    run.add_argument("--out", default=None,
+                     help="run directory (default: a fresh directory under runs/)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.policy == "h_bound" and args.c_eta is None:
+        parser.error("--policy h_bound needs --c-eta")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"homoflow: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

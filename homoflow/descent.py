@@ -1,0 +1,303 @@
+"""Gradient descent and mini-batch SGD in one jitted loop, in the log domain.
+
+The inner loop is a ``lax.while_loop`` over iterations (a full-batch step, or one SGD
+epoch) with a traced trip count, so one compiled program serves every chunk length; the
+Python side only loops over chunks, to record diagnostics on a log-spaced grid, update the
+progress bar and stop cleanly. L, T = sum eta and eta are carried as logs: a step is
+``theta <- theta - exp(log eta + log L) grad log L``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .diagnostics import diagnostics
+from .problem import Problem
+from .schedules import Policy, T0Info, optax_log_lr
+from .trajectory import Trajectory, package_versions
+
+# status codes of the loop
+OK, NONFINITE_PARAMS, NONFINITE_LOSS, DIVERGED, STALLED = 0, 1, 2, 3, 4
+_STATUS = {OK: "completed", NONFINITE_PARAMS: "nonfinite_params",
+           NONFINITE_LOSS: "nonfinite_loss", DIVERGED: "diverged", STALLED: "stalled"}
+
+
+class RunStopped(RuntimeError):
+    """A run stopped early. ``trajectory`` holds every point recorded up to the stop,
+    including the last good state; ``step`` is the iteration at which it stopped."""
+
+    def __init__(self, message: str, trajectory: Trajectory, step: int, reason: str):
+        super().__init__(message)
+        self.trajectory, self.step, self.reason = trajectory, step, reason
+
+
+class DescentState(NamedTuple):
+    params: Any
+    log_loss: jax.Array        # full-batch log L at params
+    grad: Any                  # grad log L at params (full-batch GD; () otherwise)
+    min_log_loss: jax.Array    # smallest log L seen (for divergence detection)
+    step: jax.Array            # accepted iterations
+    attempts: jax.Array        # all attempts, failed ones included
+    fails: jax.Array           # consecutive failed attempts (retrying policies)
+    log_T: jax.Array           # log sum eta
+    log_lr: jax.Array          # log eta of the last accepted iteration
+    policy_state: Any
+    opt_state: Any
+    t0: T0Info
+    t0_step: jax.Array         # -1 until the run crosses log l(b_f)
+    key: jax.Array
+    status: jax.Array
+    bad_step: jax.Array        # iteration at which status became non-zero
+
+
+def _tree_axpy(a, x, y):
+    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int):
+    """One epoch of mini-batch SGD: each step subtracts exp(log_scale + log L^_B) grad log L^_B,
+    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss."""
+    n_batches = problem.n // batch_size
+    perm = jax.random.permutation(key, problem.n)[: n_batches * batch_size]
+    log_ratio = math.log(problem.n / batch_size)
+
+    def one(p, idx):
+        log_lb, g = jax.value_and_grad(lambda z: problem.subset(idx).log_loss(z))(p)
+        return _tree_axpy(-jnp.exp(log_scale + log_lb + log_ratio), g, p), None
+
+    params, _ = jax.lax.scan(one, params, perm.reshape(n_batches, batch_size))
+    return params, n_batches
+
+
+def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, s: DescentState):
+    """One attempt at an iteration; returns the next state."""
+    L = problem.order
+    key, sub = jax.random.split(s.key)
+    if policy.optimizer is not None:
+        log_loss, g = jax.value_and_grad(problem.log_loss)(s.params)
+        if policy.objective == "loss":
+            g = jax.tree_util.tree_map(lambda x: jnp.exp(log_loss) * x, g)
+        updates, opt_state = policy.optimizer.update(g, s.opt_state, s.params)
+        new_params = jax.tree_util.tree_map(jnp.add, s.params, updates)
+        log_lr, n_updates = optax_log_lr(s.opt_state), 1
+    else:
+        log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, L)
+        opt_state = s.opt_state
+        if batch_size is None:
+            new_params = _tree_axpy(-jnp.exp(log_lr + s.log_loss), s.grad, s.params)
+            n_updates = 1
+        else:
+            new_params, n_updates = _sgd_epoch(problem, s.params, log_lr, sub, batch_size)
+    if batch_size is None and policy.optimizer is None:
+        # one forward-backward pass per attempt: the gradient is reused by the next step
+        new_log_loss, new_grad = jax.value_and_grad(problem.log_loss)(new_params)
+    else:
+        new_log_loss, new_grad = problem.log_loss(new_params), ()
+
+    params_ok = _all_finite(new_params)
+    loss_ok = jnp.isfinite(new_log_loss)
+    if policy.retry:
+        accepted = params_ok & loss_ok & (new_log_loss < s.log_loss)
+        fails = jnp.where(accepted, 0, s.fails + 1)
+        status = jnp.where(fails > policy.max_retries, STALLED, OK)
+    else:
+        accepted = params_ok & loss_ok
+        fails = s.fails
+        status = jnp.where(~params_ok, NONFINITE_PARAMS, jnp.where(~loss_ok, NONFINITE_LOSS, OK))
+        blew_up = new_log_loss > s.min_log_loss + divergence_log_factor
+        status = jnp.where((status == OK) & blew_up, DIVERGED, status)
+        accepted = accepted & (status == OK)
+
+    step = s.step + accepted
+    crossed = accepted & (s.t0_step < 0) & (new_log_loss < problem.loss.log_threshold)
+    pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
+    new_rho = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(new_params)))
+    log_step_T = log_lr + math.log(n_updates)
+    return DescentState(
+        params=pick(new_params, s.params),
+        log_loss=jnp.where(accepted, new_log_loss, s.log_loss),
+        grad=pick(new_grad, s.grad),
+        min_log_loss=jnp.where(accepted, jnp.minimum(s.min_log_loss, new_log_loss), s.min_log_loss),
+        step=step,
+        attempts=s.attempts + 1,
+        fails=fails,
+        log_T=jnp.where(accepted, jnp.logaddexp(s.log_T, log_step_T), s.log_T),
+        log_lr=jnp.where(accepted, log_lr, s.log_lr),
+        policy_state=policy.update(s.policy_state, accepted),
+        opt_state=pick(opt_state, s.opt_state),
+        t0=T0Info(jnp.where(crossed, new_log_loss, s.t0.log_loss),
+                  jnp.where(crossed, jnp.log(new_rho), s.t0.log_rho)),
+        t0_step=jnp.where(crossed, step, s.t0_step),
+        key=key,
+        status=status,
+        bad_step=jnp.where(status != OK, s.step + 1, s.bad_step),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _make_advance(policy, batch_size, divergence_log_factor):
+    @jax.jit
+    def advance(problem, state, n_iterations):
+        target = state.step + n_iterations
+
+        def cond(s):
+            return (s.step < target) & (s.status == OK)
+
+        def body(s):
+            return _attempt(problem, policy, batch_size, divergence_log_factor, s)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    return advance
+
+
+def record_grid(steps: int, n_points: int = 200) -> np.ndarray:
+    """Iterations at which diagnostics are recorded: 0, then log-spaced up to ``steps``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = np.unique(np.round(np.geomspace(1, steps, n_points)).astype(np.int64))
+    return np.concatenate([[0], grid])
+
+
+_record = jax.jit(diagnostics)
+
+
+def descent(problem: Problem, params0, policy: Policy, steps: int, *,
+            batch_size: int | None = None, key=None, n_records: int = 200,
+            chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
+            support_decades: float = 3.0, snapshots: bool = True,
+            config: dict | None = None) -> Trajectory:
+    """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
+
+    An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
+    recorded at ``record_grid(steps, n_records)``. Non-retrying policies stop with
+    ``RunStopped`` when the state turns non-finite or the loss exceeds
+    ``divergence_factor`` times its smallest value so far; the loss-based policy backs off
+    instead, and stops only after ``max_retries`` consecutive failures. ``RunStopped``
+    carries the trajectory recorded so far, ending with the last good state. A run that
+    never gets below the separability threshold l(b_f) completes with status
+    "not_separated" and a warning: no margin claims hold for it.
+    """
+    if batch_size is not None:
+        if not 1 <= int(batch_size) <= problem.n:
+            raise ValueError(f"batch_size must be in 1..N = {problem.n}, got {batch_size}")
+        batch_size = int(batch_size)
+    if not divergence_factor > 1:
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
+    log_loss0, grad0 = jax.value_and_grad(problem.log_loss)(params0)
+    if batch_size is not None or policy.optimizer is not None:
+        grad0 = ()
+    if not jnp.isfinite(log_loss0):
+        raise ValueError(f"the initial loss is not finite (log L = {float(log_loss0)})")
+    nan = jnp.asarray(jnp.nan)
+    state = DescentState(
+        params=params0, log_loss=log_loss0, grad=grad0, min_log_loss=log_loss0,
+        step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
+        log_T=jnp.asarray(-jnp.inf), log_lr=nan, policy_state=policy.init(),
+        opt_state=policy.optimizer.init(params0) if policy.optimizer is not None else (),
+        t0=T0Info(nan, nan), t0_step=jnp.asarray(-1), key=key,
+        status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
+    if log_loss0 < problem.loss.log_threshold:  # already separated at t = 0
+        state = state._replace(t0=T0Info(log_loss0, jnp.log(_norm(params0))),
+                               t0_step=jnp.asarray(0))
+
+    advance = _make_advance(policy, batch_size, math.log(divergence_factor))
+    rows, snaps = [], []
+    start = time.perf_counter()
+
+    def record(s: DescentState):
+        d = _record(problem, s.params, s.t0.log_loss, support_decades)
+        row = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
+        row.update(step=int(s.step), attempts=int(s.attempts), log_T=float(s.log_T),
+                   log_lr=float(s.log_lr),
+                   separated=bool(d.log_loss < problem.loss.log_threshold))
+        rows.append(row)
+        if snapshots:
+            snaps.append(jax.device_get(s.params))
+
+    record(state)
+    grid = record_grid(steps, n_records)
+    bar = tqdm(total=steps, disable=not progress, unit="it", leave=False)
+    for target in grid[1:]:
+        while int(state.step) < target and int(state.status) == OK:
+            n = int(min(target - int(state.step), chunk))
+            before = int(state.step)
+            state = advance(problem, state, jnp.asarray(n))
+            bar.update(int(state.step) - before)
+            bar.set_postfix(log10_loss=f"{float(state.log_loss) / math.log(10):.4g}")
+        if int(state.status) != OK:
+            break
+        record(state)
+    bar.close()
+
+    status = _STATUS[int(state.status)]
+    meta = {
+        "engine": "descent", "policy": policy.name, "policy_config": policy.config,
+        "batch_size": batch_size, "steps": steps, "config": config or {},
+        "t0_step": int(state.t0_step) if int(state.t0_step) >= 0 else None,
+        "log_loss_t0": float(state.t0.log_loss) if int(state.t0_step) >= 0 else None,
+        "log_threshold": problem.loss.log_threshold, "model": problem.model.name,
+        "order": problem.order, "layer_orders": list(problem.model.layer_orders),
+        "loss": problem.loss.name, "n": problem.n, "versions": package_versions(),
+        "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                          else key).tolist(),
+    }
+    if status != "completed":
+        if not rows or rows[-1]["step"] != int(state.step):
+            record(state)  # the last good state: nothing computed is lost
+        meta["wall_time_s"] = time.perf_counter() - start
+        message = _stop_message(int(state.status), int(state.bad_step), state, policy,
+                                divergence_factor)
+        meta.update(status=status, message=message, stopped_at_step=int(state.bad_step))
+        raise RunStopped(message, _build(rows, snaps, meta), int(state.bad_step), status)
+    if meta["t0_step"] is None:
+        status = "not_separated"
+        message = (f"the loss never fell below the separability threshold l(b_f) = "
+                   f"exp({problem.loss.log_threshold:.6g}) in {steps} iterations "
+                   f"(final log L = {float(state.log_loss):.6g}): the data were not separated, "
+                   f"so no margin claim applies to this run")
+        warnings.warn(message, stacklevel=2)
+    else:
+        message = f"completed {steps} iterations; t0 at iteration {meta['t0_step']}"
+    meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
+    return _build(rows, snaps, meta)
+
+
+def _norm(params):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _stop_message(code, bad_step, state, policy, divergence_factor):
+    at = f"at iteration {bad_step}"
+    if code == NONFINITE_PARAMS:
+        return f"the parameters became non-finite (NaN/inf) {at}; the step size is too large"
+    if code == NONFINITE_LOSS:
+        return f"log L became non-finite {at}; the step size is too large"
+    if code == DIVERGED:
+        return (f"the loss blew up {at}: it rose above {divergence_factor:g} times its smallest "
+                f"value so far (log L was {float(state.min_log_loss):.6g}); policy "
+                f"{policy.name} {policy.config} makes gradient descent diverge, use a smaller step")
+    return (f"the loss-based scheduler failed to decrease the loss in {policy.max_retries} "
+            f"consecutive retries {at} (log L = {float(state.log_loss):.6g})")
+
+
+def _build(rows, snaps, meta) -> Trajectory:
+    keys = rows[0].keys()
+    columns = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
+    snapshots = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *snaps) if snaps else None
+    return Trajectory(columns, snapshots, meta)

@@ -1,0 +1,367 @@
+"""Positively homogeneous models as pure ``init`` / ``apply`` pairs.
+
+A model's parameters are a tuple of *groups* (each an array or a dict of arrays);
+``layer_orders[i]`` is the degree k_i of homogeneity in group i, and ``order`` is
+L = sum k_i (paper Section 4.4, Appendix G). ``apply(params, X)`` returns shape ``(N,)``
+for a binary model (``n_outputs == 1``) and ``(N, C)`` for a C-class model.
+
+Clarke selection. Gradients are whatever autodiff returns: ``jax.nn.relu`` has
+derivative 0 at 0, leaky ReLU has derivative ``slope`` at 0, and max-pooling sends the
+cotangent to one maximal element of each window (XLA's select-and-scatter picks the
+first maximum in window order). Each is an element of the Clarke subdifferential.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = tuple
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """An L-homogeneous model: ``apply(c * params, X) == c**order * apply(params, X)``.
+
+    ``eq=False`` makes models hash by identity, so they can be static jit arguments.
+    """
+
+    name: str
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    order: float
+    layer_orders: tuple[float, ...]
+    n_outputs: int = 1
+    config: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.order > 0:
+            raise ValueError(f"model {self.name!r}: order must be > 0, got {self.order}")
+        if not math.isclose(sum(self.layer_orders), self.order, rel_tol=1e-12):
+            raise ValueError(
+                f"model {self.name!r}: layer_orders {self.layer_orders} sum to "
+                f"{sum(self.layer_orders)}, not to the declared order {self.order}")
+        if self.n_outputs < 1:
+            raise ValueError(f"model {self.name!r}: n_outputs must be >= 1, got {self.n_outputs}")
+
+    @property
+    def multiclass(self) -> bool:
+        return self.n_outputs > 1
+
+
+class Activation(NamedTuple):
+    name: str
+    fn: Callable[[jax.Array], jax.Array]
+    degree: float  # phi(c x) = c**degree phi(x) for c > 0
+
+
+def relu() -> Activation:
+    return Activation("relu", jax.nn.relu, 1.0)
+
+
+def leaky_relu(slope: float = 0.01) -> Activation:
+    if not 0 <= slope < 1:
+        raise ValueError(f"leaky_relu slope must be in [0, 1), got {slope}")
+    return Activation(f"leaky_relu({slope})", lambda x: jnp.where(x >= 0, x, slope * x), 1.0)
+
+
+def relu_power(alpha: float) -> Activation:
+    """ReLU(x)**alpha: C^2-smooth for alpha > 2 (assumption (S1) of Section 4.1)."""
+    if alpha < 1:
+        raise ValueError(f"relu_power needs alpha >= 1 (Lipschitz), got {alpha}")
+    return Activation(f"relu_power({alpha})", lambda x: jax.nn.relu(x) ** alpha, float(alpha))
+
+
+def quadratic() -> Activation:
+    return Activation("quadratic", lambda x: x * x, 2.0)
+
+
+ACTIVATIONS = {"relu": relu, "leaky_relu": leaky_relu, "relu_power": relu_power,
+               "quadratic": quadratic}
+
+
+def _as_activation(activation) -> Activation:
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str) and activation in ("relu", "quadratic"):
+        return ACTIVATIONS[activation]()
+    raise ValueError(f"unknown activation {activation!r}; use one of relu(), leaky_relu(slope), "
+                     f"relu_power(alpha), quadratic() or the names 'relu', 'quadratic'")
+
+
+def _squeeze_binary(out: jax.Array, n_outputs: int) -> jax.Array:
+    return out[:, 0] if n_outputs == 1 else out
+
+
+def _check_widths(widths: Sequence[int], what: str):
+    if len(widths) < 2 or any(int(w) < 1 for w in widths):
+        raise ValueError(f"{what}: widths must list >= 2 positive sizes (input, ..., output), "
+                         f"got {tuple(widths)}")
+
+
+def linear(dim: int, n_outputs: int = 1) -> Model:
+    """Phi(w; x) = <w, x> (L = 1); the hard-margin SVM is its max-margin direction."""
+    def init(key):
+        return (jax.random.normal(key, (dim, n_outputs)) / math.sqrt(dim),)
+
+    def apply(params, X):
+        return _squeeze_binary(X.reshape(X.shape[0], -1) @ params[0], n_outputs)
+
+    return Model("linear", init, apply, 1.0, (1.0,), n_outputs, {"dim": dim})
+
+
+def mlp(widths: Sequence[int], activation="relu") -> Model:
+    """Bias-free fully connected network W_D phi(... phi(W_1 x)).
+
+    With an activation of degree a, group k (the k-th weight matrix, 1-based, D layers)
+    is a**(D-k)-homogeneous and L = sum_k a**(D-k) (L = D for ReLU and leaky ReLU).
+    """
+    _check_widths(widths, "mlp")
+    act = _as_activation(activation)
+    depth = len(widths) - 1
+    orders = tuple(act.degree ** (depth - k) for k in range(1, depth + 1))
+    gain = math.sqrt(2.0) if act.degree == 1.0 else 1.0  # He-normal for (leaky) ReLU
+
+    def init(key):
+        keys = jax.random.split(key, depth)
+        return tuple(gain * jax.random.normal(k, (m, n)) / math.sqrt(m)
+                     for k, m, n in zip(keys, widths[:-1], widths[1:]))
+
+    def apply(params, X):
+        h = X.reshape(X.shape[0], -1)
+        for W in params[:-1]:
+            h = act.fn(h @ W)
+        return _squeeze_binary(h @ params[-1], widths[-1])
+
+    return Model(f"mlp[{act.name}]", init, apply, float(sum(orders)), orders, widths[-1],
+                 {"widths": tuple(widths), "activation": act.name})
+
+
+def deep_linear(widths: Sequence[int]) -> Model:
+    """Fully connected linear network W_D ... W_1 x (L = D)."""
+    _check_widths(widths, "deep_linear")
+    depth = len(widths) - 1
+
+    def init(key):
+        keys = jax.random.split(key, depth)
+        return tuple(jax.random.normal(k, (m, n)) / math.sqrt(m)
+                     for k, m, n in zip(keys, widths[:-1], widths[1:]))
+
+    def apply(params, X):
+        h = X.reshape(X.shape[0], -1)
+        for W in params:
+            h = h @ W
+        return _squeeze_binary(h, widths[-1])
+
+    return Model("deep_linear", init, apply, float(depth), (1.0,) * depth, widths[-1],
+                 {"widths": tuple(widths)})
+
+
+def diagonal_linear(dim: int, depth: int) -> Model:
+    """Diagonal linear network <u_1 * ... * u_depth, x> (elementwise product, L = depth)."""
+    if depth < 1 or dim < 1:
+        raise ValueError(f"diagonal_linear needs dim >= 1 and depth >= 1, got {dim}, {depth}")
+    scale = dim ** (-0.5 / depth)
+
+    def init(key):
+        return tuple(scale * jax.random.normal(k, (dim,)) for k in jax.random.split(key, depth))
+
+    def apply(params, X):
+        w = params[0]
+        for u in params[1:]:
+            w = w * u
+        return X.reshape(X.shape[0], -1) @ w
+
+    return Model("diagonal_linear", init, apply, float(depth), (1.0,) * depth, 1,
+                 {"dim": dim, "depth": depth})
+
+
+def _conv(h, W):
+    return jax.lax.conv_general_dilated(h, W, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _max_pool(h, p):
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, p, p, 1), (1, p, p, 1), "VALID")
+
+
+def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel: int = 3,
+        pool: int = 2, hidden: int = 32, n_outputs: int = 1, bias_first: bool = False,
+        activation="relu") -> Model:
+    """Bias-free CNN: [conv -> act -> max-pool] * len(channels) -> dense -> act -> dense.
+
+    ``bias_first=True`` adds a bias to the first convolution only (the paper's "CNN
+    without bias", Appendix J): the bias belongs to the first parameter group, so the
+    model stays homogeneous in its parameters. Every group is 1-homogeneous for ReLU
+    (max-pooling is 1-homogeneous), so L = number of weight layers.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 2:
+        shape = shape + (1,)
+    if len(shape) != 3:
+        raise ValueError(f"cnn input_shape must be (H, W) or (H, W, C), got {tuple(input_shape)}")
+    act = _as_activation(activation)
+    if act.degree != 1.0:
+        raise ValueError(f"cnn supports degree-1 activations (relu, leaky_relu), got {act.name}")
+    H, W_, cin = shape
+    for _ in channels:
+        H, W_ = H // pool, W_ // pool
+    if H < 1 or W_ < 1:
+        raise ValueError(f"input {shape} is too small for {len(channels)} pooling layers of {pool}")
+    flat = H * W_ * channels[-1]
+    n_groups = len(channels) + 2
+    orders = (1.0,) * n_groups
+
+    def init(key):
+        keys = jax.random.split(key, n_groups)
+        groups, c_prev = [], cin
+        for k, c in zip(keys, channels):
+            fan_in = kernel * kernel * c_prev
+            groups.append(math.sqrt(2.0 / fan_in) * jax.random.normal(k, (kernel, kernel, c_prev, c)))
+            c_prev = c
+        groups.append(math.sqrt(2.0 / flat) * jax.random.normal(keys[-2], (flat, hidden)))
+        groups.append(math.sqrt(2.0 / hidden) * jax.random.normal(keys[-1], (hidden, n_outputs)))
+        if bias_first:
+            groups[0] = {"w": groups[0], "b": jnp.zeros((channels[0],))}
+        return tuple(groups)
+
+    def apply(params, X):
+        h = X.reshape((X.shape[0],) + shape)
+        for i in range(len(channels)):
+            g = params[i]
+            h = _conv(h, g["w"]) + g["b"] if isinstance(g, dict) else _conv(h, g)
+            h = _max_pool(act.fn(h), pool)
+        h = act.fn(h.reshape(h.shape[0], -1) @ params[-2])
+        return _squeeze_binary(h @ params[-1], n_outputs)
+
+    return Model("cnn", init, apply, float(n_groups), orders, n_outputs,
+                 {"input_shape": shape, "channels": tuple(channels), "kernel": kernel,
+                  "pool": pool, "hidden": hidden, "bias_first": bias_first})
+
+
+def mexican_hat_params(r: float = 0.5) -> Params:
+    """Theorem I.1's initial condition: unit theta with 0 < r < 1 and phi = 1/(1 - r^2)."""
+    if not 0 < r < 1:
+        raise ValueError(f"mexican hat initial radius must be in (0, 1), got {r}")
+    phi = 1.0 / (1.0 - r * r)
+    return (jnp.array([r * math.cos(phi), r * math.sin(phi), math.sqrt(1.0 - r * r)]),)
+
+
+def mexican_hat(L: float = 2.0, r0: float = 0.5) -> Model:
+    """Appendix I: h(x, y, z) = rho^L (1 - f(x/rho, y/rho)), f the Mexican hat of Absil et al.
+
+    Every data point has margin q_n = h(theta) (the output ignores X). ``init`` ignores its
+    key and returns Theorem I.1's initial condition with radius ``r0``: from there the
+    direction circles forever (psi = phi - 1/(1 - r^2) stays 0, r -> 1).
+    """
+    def hat(u, v):
+        r2 = u * u + v * v
+        s = 1.0 - r2
+        inside = s > 0
+        s_safe = jnp.where(inside, s, 1.0)
+        a = 1.0 / s_safe
+        r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
+        # C(r) sin(phi - a) = 4 r^3 (v cos a - u sin a) / (4 r^4 + s^4), smooth at r = 0
+        c_sin = 4.0 * r2 * r * (v * jnp.cos(a) - u * jnp.sin(a)) / (4.0 * r2 * r2 + s_safe ** 4)
+        c_sin = jnp.where(r2 > 0, c_sin, 0.0)
+        return jnp.where(inside, jnp.exp(-a) * (1.0 - c_sin), 0.0)
+
+    def apply(params, X):
+        theta = params[0]
+        rho = jnp.sqrt(jnp.sum(theta * theta))
+        out = rho ** L * (1.0 - hat(theta[0] / rho, theta[1] / rho))
+        return jnp.broadcast_to(out, (X.shape[0],))
+
+    return Model("mexican_hat", lambda key: mexican_hat_params(r0), apply, float(L), (float(L),),
+                 1, {"L": L, "r0": r0})
+
+
+def homogeneous_model(apply: Callable, init: Callable, order: float,
+                      layer_orders: Sequence[float] | None = None, n_outputs: int = 1,
+                      name: str = "custom") -> Model:
+    """Wrap a user's pure function; ``check_homogeneity`` verifies the declared orders.
+
+    ``init(key)`` must return a tuple of parameter groups, one per entry of
+    ``layer_orders`` (default: one group of order ``order``).
+    """
+    orders = (float(order),) if layer_orders is None else tuple(float(k) for k in layer_orders)
+    return Model(name, init, apply, float(order), orders, n_outputs)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring homogeneity
+
+
+class HomogeneityError(ValueError):
+    """The measured order of homogeneity differs from the declared one."""
+
+
+class HomogeneityReport(NamedTuple):
+    order: float
+    layer_orders: tuple[float, ...]
+    max_rel_error: float  # largest |measured - declared| / declared over all checks
+
+
+def _measured_degree(out0, out1, c, what):
+    out0, out1 = np.asarray(out0, np.float64).ravel(), np.asarray(out1, np.float64).ravel()
+    if not (np.all(np.isfinite(out0)) and np.all(np.isfinite(out1))):
+        raise HomogeneityError(f"{what}: the model returned non-finite outputs")
+    scale = np.max(np.abs(out0))
+    usable = np.abs(out0) > 1e-8 * scale
+    if scale == 0 or not usable.any():
+        raise HomogeneityError(f"{what}: every output is 0, so the order cannot be measured; "
+                               f"use other parameters or inputs")
+    ratio = out1[usable] / out0[usable]
+    if np.any(ratio <= 0):
+        raise HomogeneityError(f"{what}: scaling by {c} changed the sign of an output "
+                               f"(ratio {ratio[ratio <= 0][0]:.3g}), so the model is not "
+                               f"positively homogeneous")
+    degrees = np.log(ratio) / math.log(c)
+    # the degree with the largest deviation from the median tells most about a failure
+    return degrees[np.argmax(np.abs(degrees - np.median(degrees)))]
+
+
+def check_homogeneity(model: Model, params: Params, X, *, rtol: float = 1e-9,
+                      scales: Sequence[float] = (2.0, 3.0)) -> HomogeneityReport:
+    """Measure the order L (and each group's k_i) from Phi(c theta) / Phi(theta).
+
+    Raises ``HomogeneityError`` naming the declared and measured values if any measured
+    degree differs from the declared one by more than ``rtol`` (relative).
+    """
+    X = jnp.asarray(X)
+    if len(params) != len(model.layer_orders):
+        raise HomogeneityError(
+            f"model {model.name!r} declares {len(model.layer_orders)} parameter groups "
+            f"(layer_orders={model.layer_orders}) but its params have {len(params)}")
+    apply = jax.jit(model.apply)
+    base = apply(params, X)
+    worst, measured_total, measured_layers = 0.0, None, []
+
+    def check(measured, declared, what):
+        nonlocal worst
+        err = abs(measured - declared) / declared
+        worst = max(worst, err)
+        if err > rtol:
+            raise HomogeneityError(
+                f"{what}: declared {declared:g} but measured {measured:.10g} "
+                f"(relative error {err:.2e} > {rtol:g})")
+        return measured
+
+    for c in scales:
+        scaled = jax.tree_util.tree_map(lambda p: c * p, params)
+        measured_total = check(_measured_degree(base, apply(scaled, X), c,
+                                                f"model {model.name!r} order"),
+                               model.order, f"model {model.name!r} order")
+    for i, k in enumerate(model.layer_orders):
+        c = scales[0]
+        scaled = tuple(jax.tree_util.tree_map(lambda p: c * p, g) if j == i else g
+                       for j, g in enumerate(params))
+        what = f"model {model.name!r} parameter group {i} (layer order k_{i})"
+        measured_layers.append(check(_measured_degree(base, apply(scaled, X), c, what), k, what))
+    return HomogeneityReport(float(measured_total), tuple(float(m) for m in measured_layers),
+                             float(worst))

@@ -1,0 +1,184 @@
+"""Step-size policies for gradient descent, all in the log domain (DESIGN §2).
+
+A policy proposes log eta for the next attempt from its state, the current log L and what
+is known about t0; the descent engine takes the step
+``theta <- theta - exp(log eta + log L) * grad log L`` and tells the policy whether the
+attempt was accepted. Policies with ``retry=True`` (the loss-based scheduler) retry a step
+that did not decrease the loss with a smaller step; the others take every finite step and
+stop the run when the loss blows up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .diagnostics import global_norm, log_h_bound, log_phi
+from .problem import Problem
+
+
+class T0Info(NamedTuple):
+    """What the run knows about t0, the first iterate with L < l(b_f) (NaN before)."""
+    log_loss: jax.Array
+    log_rho: jax.Array
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    name: str
+    init: Callable[[], Any]                      # -> policy state (a pytree)
+    log_lr: Callable[[Any, jax.Array, T0Info, float], jax.Array]  # (state, log L, t0, order)
+    update: Callable[[Any, jax.Array], Any]      # (state, accepted) -> state
+    retry: bool = False
+    max_retries: int = 0
+    optimizer: Any = None                        # an optax GradientTransformation, or None
+    objective: str = "loss"                      # optax only: gradient of L or of log L
+    config: dict = field(default_factory=dict, compare=False)
+
+
+def _positive(name, value):
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def constant(lr: float) -> Policy:
+    """eta(t) = lr. With a small enough lr this satisfies (S5) (Appendix E.1)."""
+    log_lr = math.log(_positive("learning rate lr", lr))
+    return Policy("constant", lambda: (), lambda st, ll, t0, L: jnp.asarray(log_lr),
+                  lambda st, ok: st, config={"lr": lr})
+
+
+def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 ** (1 / 10),
+               max_retries: int = 200) -> Policy:
+    """The loss-based scheduler of Appendix K.1: eta = alpha / L.
+
+    After an accepted step (the loss decreased) alpha <- alpha * r_u; otherwise the step is
+    retried with alpha <- alpha / r_d. The step is theta - alpha grad log L. ``max_retries``
+    consecutive failures stop the run (status "stalled").
+    """
+    la0 = math.log(_positive("alpha0", alpha0))
+    lu, ld = math.log(_positive("r_u", r_u)), math.log(_positive("r_d", r_d))
+    if r_u < 1 or r_d < 1:
+        raise ValueError(f"r_u and r_d must be >= 1, got r_u={r_u}, r_d={r_d}")
+    return Policy("loss_based", lambda: jnp.asarray(la0),
+                  lambda log_alpha, ll, t0, L: log_alpha - ll,
+                  lambda log_alpha, ok: jnp.where(ok, log_alpha + lu, log_alpha - ld),
+                  retry=True, max_retries=int(max_retries),
+                  config={"alpha0": alpha0, "r_u": r_u, "r_d": r_d, "max_retries": max_retries})
+
+
+def c_eta_from_constants(B0, B1, B2, log_rho_t0, log_loss_t0, L: float):
+    """C_eta = (B1^2 + rho(t0)^{-L} B2) gamma_hat(t0)^{-2} B0^{2/L} / 2 (end of Appendix E.2),
+    returned as log C_eta."""
+    log_gamma_hat0 = log_phi(-log_loss_t0, -log_loss_t0, L) - L * log_rho_t0
+    return (jnp.log(0.5 * (B1 ** 2 + jnp.exp(-L * log_rho_t0) * B2)) - 2.0 * log_gamma_hat0
+            + (2.0 / L) * jnp.log(B0))
+
+
+def h_bound(c_eta: float | None = None, constants: tuple | None = None,
+            lr_before_t0: float = 0.1, fraction: float = 1.0) -> Policy:
+    """eta = fraction * H(L) = fraction * mu(L) / (C_eta kappa(L)) after t0 (Appendix E.1).
+
+    Give either ``c_eta`` or ``constants = (B0, B1, B2)`` (e.g. from
+    ``estimate_smoothness_constants``), from which C_eta is computed at t0 with rho(t0) and
+    gamma_hat(t0). Before t0 the step is the constant ``lr_before_t0``. Appendix E's
+    analysis is for the exponential loss and C^2-smooth models (S1).
+    """
+    if (c_eta is None) == (constants is None):
+        raise ValueError("h_bound needs exactly one of c_eta or constants=(B0, B1, B2)")
+    log_pre = math.log(_positive("lr_before_t0", lr_before_t0))
+    log_frac = math.log(_positive("fraction", fraction))
+    if c_eta is not None:
+        log_c = math.log(_positive("c_eta", c_eta))
+        log_c_fn = lambda t0, L: jnp.asarray(log_c)
+    else:
+        B0, B1, B2 = (_positive(n, v) for n, v in zip(("B0", "B1", "B2"), constants))
+        log_c_fn = lambda t0, L: c_eta_from_constants(B0, B1, B2, t0.log_rho, t0.log_loss, L)
+
+    def log_lr(state, log_loss, t0, L):
+        after = jnp.isfinite(t0.log_loss)
+        s0 = jnp.where(after, -t0.log_loss, 1.0)
+        s = jnp.maximum(-log_loss, s0)  # H is defined for L <= L(t0)
+        log_h = log_h_bound(s, s0, log_c_fn(t0, L), L) + log_frac
+        return jnp.where(after, log_h, log_pre)
+
+    return Policy("h_bound", lambda: (), log_lr, lambda st, ok: st,
+                  config={"c_eta": c_eta, "constants": constants,
+                          "lr_before_t0": lr_before_t0, "fraction": fraction})
+
+
+def optax_optimizer(optimizer, objective: str = "loss") -> Policy:
+    """Any optax GradientTransformation.
+
+    ``objective="loss"`` feeds it grad L = L * grad log L (which underflows to 0 once
+    L < 1e-308); ``objective="log_loss"`` feeds grad log L. T = sum eta uses the optimizer's
+    ``learning_rate`` hyperparameter when it was built with ``optax.inject_hyperparams``,
+    and counts steps (eta = 1) otherwise.
+    """
+    if objective not in ("loss", "log_loss"):
+        raise ValueError(f"objective must be 'loss' or 'log_loss', got {objective!r}")
+    if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
+        raise ValueError(f"expected an optax GradientTransformation, got {optimizer!r}")
+    return Policy("optax", lambda: (), lambda st, ll, t0, L: jnp.asarray(0.0),
+                  lambda st, ok: st, optimizer=optimizer, objective=objective,
+                  config={"optimizer": repr(optimizer)[:200], "objective": objective})
+
+
+def optax_log_lr(opt_state) -> jax.Array:
+    """log of the injected learning rate in an optax state, or 0 (eta = 1) if none."""
+    for node in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        if hasattr(node, "hyperparams") and "learning_rate" in node.hyperparams:
+            return jnp.log(jnp.asarray(node.hyperparams["learning_rate"], jnp.float64))
+    return jnp.asarray(0.0)
+
+
+def estimate_smoothness_constants(problem: Problem, key, n_directions: int = 64,
+                                  power_iterations: int = 20) -> dict:
+    """Estimate B0, B1, B2 of Appendix E.2 by sampling unit directions.
+
+    B0 = sup q_n, B1 = sup ||grad q_n||, B2 = sup ||hess q_n||_2 over the unit sphere; this
+    returns the largest values seen over ``n_directions`` random directions (model init
+    directions, normalized) and all n, the Hessian norm by power iteration. These are
+    *lower* estimates of the suprema: a step size built from them is not a proof.
+    """
+    keys = jax.random.split(key, n_directions)
+
+    def unit(k):
+        p = problem.model.init(k)
+        return jax.tree_util.tree_map(lambda x: x / global_norm(p), p)
+
+    def q_n(p, n):
+        return problem.margins(p)[n]
+
+    def per_point(p, n, k):
+        grad = jax.grad(q_n)(p, n)
+        hvp = lambda v: jax.jvp(lambda z: jax.grad(q_n)(z, n), (p,), (v,))[1]
+        v = jax.tree_util.tree_map(lambda x: jax.random.normal(k, x.shape), p)
+
+        def power(_, v):
+            w = hvp(v)
+            return jax.tree_util.tree_map(lambda x: x / global_norm(w), w)
+
+        v = jax.lax.fori_loop(0, power_iterations, power, v)
+        return global_norm(grad), global_norm(hvp(v))
+
+    @jax.jit
+    def one_direction(k):
+        p = unit(k)
+        n_idx = jnp.arange(problem.n)
+        g, h = jax.vmap(per_point, (None, 0, None))(p, n_idx, k)
+        return jnp.max(problem.margins(p)), jnp.max(g), jnp.max(h)
+
+    vals = np.array([jax.device_get(one_direction(k)) for k in keys])
+    B0, B1, B2 = vals.max(axis=0)
+    return {"B0": float(B0), "B1": float(B1), "B2": float(B2), "estimate": True,
+            "n_directions": n_directions,
+            "note": "sampled lower estimates of the suprema in Appendix E.2, not bounds"}
