@@ -82,7 +82,8 @@ def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int):
     return params, n_batches
 
 
-def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, s: DescentState):
+def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_threshold,
+             s: DescentState):
     """One attempt at an iteration; returns the next state."""
     L = problem.order
     key, sub = jax.random.split(s.key)
@@ -122,7 +123,7 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, s: Desc
         accepted = accepted & (status == OK)
 
     step = s.step + accepted
-    crossed = accepted & (s.t0_step < 0) & (new_log_loss < problem.loss.log_threshold)
+    crossed = accepted & (s.t0_step < 0) & (new_log_loss < log_t0_threshold)
     pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
     new_rho = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(new_params)))
     log_step_T = log_lr + math.log(n_updates)
@@ -138,8 +139,8 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, s: Desc
         log_lr=jnp.where(accepted, log_lr, s.log_lr),
         policy_state=policy.update(s.policy_state, accepted),
         opt_state=pick(opt_state, s.opt_state),
-        t0=T0Info(jnp.where(crossed, new_log_loss, s.t0.log_loss),
-                  jnp.where(crossed, jnp.log(new_rho), s.t0.log_rho)),
+        t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, jnp.log(new_rho), L),
+                        lambda: s.t0),
         t0_step=jnp.where(crossed, step, s.t0_step),
         key=key,
         status=status,
@@ -148,7 +149,7 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, s: Desc
 
 
 @functools.lru_cache(maxsize=64)
-def _make_advance(policy, batch_size, divergence_log_factor):
+def _make_advance(policy, batch_size, divergence_log_factor, log_t0_threshold):
     @jax.jit
     def advance(problem, state, n_iterations):
         target = state.step + n_iterations
@@ -157,7 +158,8 @@ def _make_advance(policy, batch_size, divergence_log_factor):
             return (s.step < target) & (s.status == OK)
 
         def body(s):
-            return _attempt(problem, policy, batch_size, divergence_log_factor, s)
+            return _attempt(problem, policy, batch_size, divergence_log_factor,
+                            log_t0_threshold, s)
 
         return jax.lax.while_loop(cond, body, state)
 
@@ -179,7 +181,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             batch_size: int | None = None, key=None, n_records: int = 200,
             chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
             support_decades: float = 3.0, snapshots: bool = True,
-            config: dict | None = None) -> Trajectory:
+            t0_log_loss: float | None = None, config: dict | None = None) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -190,11 +192,20 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     carries the trajectory recorded so far, ending with the last good state. A run that
     never gets below the separability threshold l(b_f) completes with status
     "not_separated" and a warning: no margin claims hold for it.
+
+    t0 is the first iterate with log L < ``t0_log_loss`` (default log l(b_f)); gamma_hat and
+    the H(L) bound are built on L(t0) (Appendix E). Any t0 after separation is valid for
+    Theorem E.2, and a later one (e.g. ``t0_log_loss=-5``) gives a far less pessimistic
+    C_eta than L(t0) ~ 1, where gamma_hat(t0) ~ exp(-2 / log(1/L(t0))).
     """
     if batch_size is not None:
         if not 1 <= int(batch_size) <= problem.n:
             raise ValueError(f"batch_size must be in 1..N = {problem.n}, got {batch_size}")
         batch_size = int(batch_size)
+    log_t0 = problem.loss.log_threshold if t0_log_loss is None else float(t0_log_loss)
+    if log_t0 > problem.loss.log_threshold:
+        raise ValueError(f"t0_log_loss = {t0_log_loss} is above the separability threshold "
+                         f"log l(b_f) = {problem.loss.log_threshold:.6g}")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
     key = jax.random.PRNGKey(0) if key is None else key
@@ -210,13 +221,13 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
         log_T=jnp.asarray(-jnp.inf), log_lr=nan, policy_state=policy.init(),
         opt_state=policy.optimizer.init(params0) if policy.optimizer is not None else (),
-        t0=T0Info(nan, nan), t0_step=jnp.asarray(-1), key=key,
+        t0=T0Info(nan, nan, nan), t0_step=jnp.asarray(-1), key=key,
         status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
-    if log_loss0 < problem.loss.log_threshold:  # already separated at t = 0
-        state = state._replace(t0=T0Info(log_loss0, jnp.log(_norm(params0))),
+    if log_loss0 < log_t0:  # already past t0 at t = 0
+        state = state._replace(t0=T0Info.at(log_loss0, jnp.log(_norm(params0)), problem.order),
                                t0_step=jnp.asarray(0))
 
-    advance = _make_advance(policy, batch_size, math.log(divergence_factor))
+    advance = _make_advance(policy, batch_size, math.log(divergence_factor), log_t0)
     rows, snaps = [], []
     start = time.perf_counter()
 
@@ -251,7 +262,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         "batch_size": batch_size, "steps": steps, "config": config or {},
         "t0_step": int(state.t0_step) if int(state.t0_step) >= 0 else None,
         "log_loss_t0": float(state.t0.log_loss) if int(state.t0_step) >= 0 else None,
-        "log_threshold": problem.loss.log_threshold, "model": problem.model.name,
+        "log_threshold": problem.loss.log_threshold, "t0_log_loss": log_t0,
+        "model": problem.model.name,
         "order": problem.order, "layer_orders": list(problem.model.layer_orders),
         "loss": problem.loss.name, "n": problem.n, "versions": package_versions(),
         "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
@@ -265,7 +277,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                                 divergence_factor)
         meta.update(status=status, message=message, stopped_at_step=int(state.bad_step))
         raise RunStopped(message, _build(rows, snaps, meta), int(state.bad_step), status)
-    if meta["t0_step"] is None:
+    if float(state.min_log_loss) >= problem.loss.log_threshold:
         status = "not_separated"
         message = (f"the loss never fell below the separability threshold l(b_f) = "
                    f"exp({problem.loss.log_threshold:.6g}) in {steps} iterations "
@@ -274,6 +286,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         warnings.warn(message, stacklevel=2)
     else:
         message = f"completed {steps} iterations; t0 at iteration {meta['t0_step']}"
+        if meta["t0_step"] is None:
+            message += f" (log L never fell below t0_log_loss = {log_t0:.6g})"
     meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
     return _build(rows, snaps, meta)
 

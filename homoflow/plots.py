@@ -44,7 +44,11 @@ def plot_trajectory(traj: Trajectory, directory) -> list[Path]:
         if np.any(np.isfinite(y[sep])):
             ax.plot(x[sep], y[sep], ".-", ms=3, label=label)
     ax.set(xlabel="log T", ylabel="margin", title="normalized margins after t0")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "never separated: no margins to show", ha="center",
+                transform=ax.transAxes)
     paths.append(d / "margins.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
 
     plt, fig, ax = _axes()

@@ -113,7 +113,11 @@ def make_problem(model: Model, loss: Loss, X, y, *, check: bool = True,
                          "the logistic loss for a binary model")
     X_arr = jnp.asarray(X, jnp.float64)
     params = model.init(jax.random.PRNGKey(0) if key is None else key)
-    out = jax.eval_shape(model.apply, params, X_arr[:2])
+    try:
+        out = jax.eval_shape(model.apply, params, X_arr[:2])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model {model.name!r} cannot be applied to inputs of shape "
+                         f"{X.shape[1:]} (config {model.config}): {e}") from e
     expected = (2,) if not model.multiclass else (2, model.n_outputs)
     if out.shape != expected:
         raise ValueError(f"model {model.name!r} returns shape {out.shape} on 2 inputs of shape "

@@ -23,9 +23,15 @@ from .problem import Problem
 
 
 class T0Info(NamedTuple):
-    """What the run knows about t0, the first iterate with L < l(b_f) (NaN before)."""
+    """What the run knows about t0, the first iterate past the t0 threshold (NaN before)."""
     log_loss: jax.Array
     log_rho: jax.Array
+    log_phi: jax.Array   # phi(L(t0)) of Appendix E.2, so gamma_hat(t0) = e^{log_phi} / rho^L
+
+    @classmethod
+    def at(cls, log_loss, log_rho, L: float) -> "T0Info":
+        s0 = -log_loss
+        return cls(log_loss, log_rho, log_phi(s0, s0, L))
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +62,7 @@ def constant(lr: float) -> Policy:
 
 
 def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 ** (1 / 10),
-               max_retries: int = 200) -> Policy:
+               max_retries: int = 1000) -> Policy:
     """The loss-based scheduler of Appendix K.1: eta = alpha / L.
 
     After an accepted step (the loss decreased) alpha <- alpha * r_u; otherwise the step is
@@ -74,11 +80,11 @@ def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 **
                   config={"alpha0": alpha0, "r_u": r_u, "r_d": r_d, "max_retries": max_retries})
 
 
-def c_eta_from_constants(B0, B1, B2, log_rho_t0, log_loss_t0, L: float):
+def c_eta_from_constants(B0, B1, B2, t0: T0Info, L: float):
     """C_eta = (B1^2 + rho(t0)^{-L} B2) gamma_hat(t0)^{-2} B0^{2/L} / 2 (end of Appendix E.2),
     returned as log C_eta."""
-    log_gamma_hat0 = log_phi(-log_loss_t0, -log_loss_t0, L) - L * log_rho_t0
-    return (jnp.log(0.5 * (B1 ** 2 + jnp.exp(-L * log_rho_t0) * B2)) - 2.0 * log_gamma_hat0
+    log_gamma_hat0 = t0.log_phi - L * t0.log_rho
+    return (jnp.log(0.5 * (B1 ** 2 + jnp.exp(-L * t0.log_rho) * B2)) - 2.0 * log_gamma_hat0
             + (2.0 / L) * jnp.log(B0))
 
 
@@ -100,7 +106,7 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
         log_c_fn = lambda t0, L: jnp.asarray(log_c)
     else:
         B0, B1, B2 = (_positive(n, v) for n, v in zip(("B0", "B1", "B2"), constants))
-        log_c_fn = lambda t0, L: c_eta_from_constants(B0, B1, B2, t0.log_rho, t0.log_loss, L)
+        log_c_fn = lambda t0, L: c_eta_from_constants(B0, B1, B2, t0, L)
 
     def log_lr(state, log_loss, t0, L):
         after = jnp.isfinite(t0.log_loss)

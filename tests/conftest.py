@@ -1,0 +1,47 @@
+import jax
+import numpy as np
+import pytest
+
+import homoflow  # noqa: F401  (switches on float64)
+from homoflow import data, losses, models
+from homoflow.problem import make_problem
+
+# float64 tolerances used throughout (stated per test where they differ)
+RTOL_F64 = 1e-9
+
+
+@pytest.fixture(scope="session")
+def separable():
+    return data.linearly_separable(40, 6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def default_problem():
+    X, y = data.linearly_separable(100, 10, 0)
+    model = models.mlp((10, 100, 1))
+    return make_problem(model, losses.exponential(), X, y), model.init(jax.random.PRNGKey(0))
+
+
+def all_models(dim=6, classes=3):
+    """(model, input shape) for every model family, binary and multi-class."""
+    return [
+        (models.linear(dim), (dim,)),
+        (models.linear(dim, classes), (dim,)),
+        (models.deep_linear((dim, 5, 4, 1)), (dim,)),
+        (models.deep_linear((dim, 5, classes)), (dim,)),
+        (models.diagonal_linear(dim, 3), (dim,)),
+        (models.mlp((dim, 16, 1)), (dim,)),
+        (models.mlp((dim, 16, 8, classes)), (dim,)),
+        (models.mlp((dim, 16, 1), models.leaky_relu(0.1)), (dim,)),
+        (models.mlp((dim, 12, 12, 1), models.relu_power(3)), (dim,)),
+        (models.mlp((dim, 12, 1), models.quadratic()), (dim,)),
+        (models.cnn((8, 8), channels=(4, 4), hidden=8), (8, 8)),
+        (models.cnn((8, 8, 2), channels=(3,), hidden=6, n_outputs=classes, bias_first=True),
+         (8, 8, 2)),
+        (models.mexican_hat(2.0), (dim,)),
+    ]
+
+
+def model_id(entry):
+    m, _ = entry
+    return f"{m.name}-C{m.n_outputs}-L{m.order:g}"

@@ -1,0 +1,175 @@
+import math
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import homoflow
+from homoflow import data, losses, models, schedules
+from homoflow.problem import make_problem
+
+D = sys.modules["homoflow.descent"]
+
+
+@pytest.fixture(scope="module")
+def default_run(default_problem):
+    prob, params0 = default_problem
+    return homoflow.descent(prob, params0, schedules.loss_based(), 10_000, progress=False)
+
+
+def test_default_loss_based_run_records_only_finite_values(default_run):
+    c = default_run.columns
+    assert default_run.status == "completed" and c["step"][-1] == 10_000
+    for name, col in c.items():
+        if name == "descent_margin":  # defined from t0 on (Appendix E.2)
+            col = col[c["step"] >= default_run.meta["t0_step"]]
+        if name in ("log_T", "log_lr"):  # at step 0: T = 0 (log T = -inf), no step yet
+            assert c["log_T"][0] == -np.inf and np.isnan(c["log_lr"][0])
+            col = col[1:]
+        assert np.all(np.isfinite(col)), name
+
+
+def test_loss_based_scheduler_only_accepts_loss_decreases(default_run):
+    c = default_run.columns
+    assert np.all(np.diff(c["log_loss"]) < 0)
+    assert np.all(np.diff(c["log_T"][1:]) > 0)
+    assert np.all(c["attempts"] >= c["step"])
+
+
+def test_summary_counts_smoothed_margin_decreases_from_the_columns(default_run):
+    c = default_run.columns
+    sep = c["separated"].astype(bool)
+    g = c["smoothed_margin"][sep]
+    manual = int(np.sum(g[1:] < g[:-1] * (1 - 1e-10)))
+    assert default_run.summary()["smoothed_margin_decreases"] == manual
+
+
+def test_constant_step_matches_a_hand_written_gradient_descent_loop(default_problem):
+    prob, params0 = default_problem
+    lr, steps = 3e-5, 25
+    traj = homoflow.descent(prob, params0, schedules.constant(lr), steps, progress=False,
+                            n_records=3)
+    p = params0
+    for _ in range(steps):  # theta <- theta - lr grad L, with L formed directly
+        g = jax.grad(lambda z: jnp.sum(jnp.exp(-prob.margins(z))))(p)
+        p = jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g)
+    for got, want in zip(jax.tree_util.tree_leaves(traj.snapshots), jax.tree_util.tree_leaves(p)):
+        np.testing.assert_allclose(got[-1], want, rtol=1e-11, atol=1e-14)
+    assert traj["log_T"][-1] == pytest.approx(math.log(steps * lr), rel=1e-12)
+
+
+def test_too_large_constant_step_stops_naming_the_iteration_and_keeps_the_record(default_problem):
+    prob, params0 = default_problem
+    with pytest.raises(homoflow.RunStopped, match="blew up at iteration 1") as info:
+        homoflow.descent(prob, params0, schedules.constant(0.05), 100, progress=False)
+    traj = info.value.trajectory
+    assert info.value.step == 1 and info.value.reason == "diverged"
+    assert len(traj) >= 1 and traj["step"][-1] == 0  # the last good state is kept
+    assert np.all(np.isfinite(traj["log_loss"]))
+
+
+def test_non_finite_parameters_stop_the_run_and_say_so(default_problem):
+    prob, params0 = default_problem
+    with pytest.raises(homoflow.RunStopped, match="parameters became non-finite.*iteration 1"):
+        homoflow.descent(prob, params0, schedules.constant(1e308), 10, progress=False)
+
+
+def test_loss_based_scheduler_backs_off_from_a_huge_alpha(default_problem):
+    prob, params0 = default_problem
+    traj = homoflow.descent(prob, params0, schedules.loss_based(alpha0=1e8), 50,
+                            progress=False, n_records=10)
+    assert traj.status == "completed"
+    assert traj["attempts"][-1] > traj["step"][-1] + 100  # at least log(1e8)/log(r_d) retries
+    assert np.all(np.diff(traj["log_loss"]) < 0)
+
+
+def test_data_that_never_separates_is_reported_without_margin_claims():
+    X = np.array([[1.0, 0.5], [1.0, 0.5], [-0.3, 2.0], [0.7, -1.0]])
+    y = np.array([1.0, -1.0, 1.0, -1.0])  # the same point with both labels
+    prob = make_problem(models.linear(2), losses.exponential(), X, y)
+    with pytest.warns(UserWarning, match="never fell below the separability threshold"):
+        traj = homoflow.descent(prob, models.linear(2).init(jax.random.PRNGKey(0)),
+                                schedules.loss_based(), 300, progress=False)
+    s = traj.summary()
+    assert s["status"] == "not_separated" and not s["separated"]
+    assert "normalized_margin" not in s and traj.meta["t0_step"] is None
+
+
+def _smooth_problem():
+    X, y = data.linearly_separable(40, 5, 1)
+    model = models.mlp((5, 20, 1), models.relu_power(3))  # C^2: assumption (S1)
+    prob = make_problem(model, losses.exponential(), X, y)
+    return prob, jax.tree_util.tree_map(lambda x: 0.5 * x, model.init(jax.random.PRNGKey(0)))
+
+
+def test_descent_margin_never_decreases_at_the_h_bound_for_a_smooth_model():
+    """Theorem E.2: gamma_hat(t+1) >= gamma_hat(t) after t0 when eta <= H(L) (relative
+    tolerance 1e-10). C_eta is built from sampled estimates of B0, B1, B2."""
+    prob, params0 = _smooth_problem()
+    B = schedules.estimate_smoothness_constants(prob, jax.random.PRNGKey(1), n_directions=8)
+    assert B["estimate"] is True
+    policy = schedules.h_bound(constants=(B["B0"], B["B1"], B["B2"]), lr_before_t0=0.01)
+    traj = homoflow.descent(prob, params0, policy, 3000, progress=False, t0_log_loss=-2.0)
+    g = traj["descent_margin"][np.isfinite(traj["descent_margin"])]
+    assert len(g) > 20
+    assert traj.count_decreases("descent_margin", rtol=1e-10) == 0
+    assert g[-1] > g[0]
+
+
+def test_descent_margin_never_decreases_with_a_small_constant_step_for_a_smooth_model():
+    prob, params0 = _smooth_problem()
+    traj = homoflow.descent(prob, params0, schedules.constant(0.01), 5000, progress=False)
+    g = traj["descent_margin"][np.isfinite(traj["descent_margin"])]
+    assert len(g) > 20 and g[-1] > 10 * g[0]
+    assert traj.count_decreases("descent_margin", rtol=1e-10) == 0
+
+
+def test_minibatch_sgd_runs_epochs_and_accumulates_T_per_update():
+    X, y = data.linearly_separable(40, 5, 2)
+    model = models.mlp((5, 16, 1))
+    prob = make_problem(model, losses.logistic(), X, y)
+    traj = homoflow.descent(prob, model.init(jax.random.PRNGKey(0)), schedules.constant(0.05),
+                            30, batch_size=10, progress=False, n_records=5)
+    assert traj["log_loss"][-1] < traj["log_loss"][0] - 1.0
+    assert traj["log_T"][-1] == pytest.approx(math.log(30 * 4 * 0.05), rel=1e-12)
+
+
+def test_optax_adam_decreases_the_loss_and_T_uses_the_injected_learning_rate(default_problem):
+    prob, params0 = default_problem
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+    traj = homoflow.descent(prob, params0, schedules.optax_optimizer(opt), 200, progress=False,
+                            n_records=5)
+    assert traj["log_loss"][-1] < traj["log_loss"][0] - 1.0
+    assert traj["log_T"][-1] == pytest.approx(math.log(200 * 1e-3), rel=1e-9)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: schedules.constant(-0.1), r"lr must be a finite number > 0, got -0\.1"),
+    (lambda: schedules.constant(float("nan")), r"got nan"),
+    (lambda: schedules.loss_based(alpha0=0.0), r"alpha0 must be .* got 0\.0"),
+    (lambda: schedules.loss_based(r_u=0.5), r"r_u and r_d must be >= 1"),
+    (lambda: schedules.h_bound(), r"exactly one of c_eta or constants"),
+    (lambda: schedules.optax_optimizer(optax.sgd(0.1), objective="margin"), r"'margin'"),
+])
+def test_bad_policy_parameters_name_the_value(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_batch_size_and_step_count_are_rejected(default_problem):
+    prob, params0 = default_problem
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.N = 100, got 500"):
+        homoflow.descent(prob, params0, schedules.loss_based(), 10, batch_size=500)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        homoflow.descent(prob, params0, schedules.loss_based(), 0)
+
+
+def test_record_grid_is_log_spaced_from_zero_to_the_last_step():
+    grid = homoflow.record_grid(10_000, 50)
+    assert grid[0] == 0 and grid[-1] == 10_000 and np.all(np.diff(grid) > 0)
+    ratios = grid[-10:][1:] / grid[-10:][:-1]
+    assert np.allclose(ratios, ratios[0], rtol=0.05)

@@ -1,0 +1,143 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import homoflow
+from homoflow import data, losses, models, schedules
+from homoflow.diagnostics import diagnostics, log_phi, tree_dot
+from homoflow.problem import make_problem
+
+
+def _problem(model, loss, n=30, dim=5, seed=0):
+    if model.multiclass:
+        X, y = data.gaussian_classes(n, dim, model.n_outputs, seed=seed)
+    else:
+        X, y = data.linearly_separable(n, dim, seed=seed)
+    return make_problem(model, loss, X, y)
+
+
+CASES = [
+    (models.mlp((5, 16, 1)), losses.exponential()),
+    (models.mlp((5, 16, 1)), losses.logistic()),
+    (models.deep_linear((5, 4, 4, 1)), losses.exponential()),
+    (models.mlp((5, 16, 3)), losses.cross_entropy()),
+    (models.mlp((5, 12, 1), models.relu_power(3)), losses.exponential()),
+]
+IDS = [f"{m.name}-C{m.n_outputs}-{l.name}" for m, l in CASES]
+
+
+@pytest.fixture(scope="module", params=range(len(CASES)), ids=IDS)
+def separated_run(request):
+    model, loss = CASES[request.param]
+    prob = _problem(model, loss)
+    params0 = jax.tree_util.tree_map(lambda x: 0.5 * x, model.init(jax.random.PRNGKey(1)))
+    traj = homoflow.descent(prob, params0, schedules.loss_based(), 400, progress=False,
+                            n_records=40)
+    assert traj.meta["t0_step"] is not None
+    return prob, traj
+
+
+def _snapshot(traj, i):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x[i]), traj.snapshots)
+
+
+def test_nu_equals_theta_dot_minus_grad_log_loss_over_L(separated_run):
+    """Theorem B.4 (and Appendix F): <theta, -grad L> = L nu, at every recorded point."""
+    prob, traj = separated_run
+    for i in range(0, len(traj), 7):
+        p = _snapshot(traj, i)
+        d = diagnostics(prob, p)
+        g = jax.grad(prob.log_loss)(p)
+        expected = -tree_dot(p, g) / prob.order
+        assert abs(d.nu_over_loss - expected) <= 1e-10 * abs(expected)
+
+
+def test_smoothed_margin_is_within_log_n_over_rho_L_below_normalized(separated_run):
+    """gamma_tilde <= gamma_bar, and gamma_bar - gamma_tilde <= log N / rho^L for the
+    exponential loss (Section 4.2; Lemma A.5 for logistic; Appendix F for cross-entropy)."""
+    prob, traj = separated_run
+    c = traj.columns
+    sep = c["separated"].astype(bool)
+    gap = c["normalized_margin"][sep] - c["smoothed_margin"][sep]
+    assert np.all(gap >= -1e-12 * np.abs(c["normalized_margin"][sep]))
+    if prob.loss.name == "exponential":
+        bound = math.log(prob.n) * np.exp(-prob.order * c["log_rho"][sep])
+        assert np.all(gap <= bound * (1 + 1e-12))
+
+
+def test_descent_margin_is_below_smoothed_margin_after_t0(separated_run):
+    """Lemma E.1(a): gamma_hat < gamma_tilde once L <= L(t0)."""
+    prob, traj = separated_run
+    c = traj.columns
+    if prob.loss.name != "exponential":
+        assert np.all(np.isnan(c["descent_margin"]))
+        return
+    after = np.isfinite(c["descent_margin"])
+    assert after.sum() > 5
+    assert np.all(c["descent_margin"][after] < c["smoothed_margin"][after])
+
+
+def test_diagnostics_vmapped_over_snapshots_equal_separate_calls(separated_run):
+    prob, traj = separated_run
+    snaps = jax.tree_util.tree_map(jnp.asarray, traj.snapshots)
+    t0 = jnp.asarray(traj.meta["log_loss_t0"])
+    batched = jax.vmap(diagnostics, (None, 0, None))(prob, snaps, t0)
+    for i in (0, len(traj) // 2, len(traj) - 1):
+        single = diagnostics(prob, _snapshot(traj, i), t0)
+        for name, value in single._asdict().items():
+            np.testing.assert_allclose(np.asarray(getattr(batched, name))[i], value,
+                                       rtol=1e-12, atol=0, equal_nan=True, err_msg=name)
+
+
+def test_recorded_columns_equal_a_fresh_diagnostics_call(separated_run):
+    prob, traj = separated_run
+    i = len(traj) - 1
+    d = diagnostics(prob, _snapshot(traj, i), jnp.asarray(traj.meta["log_loss_t0"]))
+    for name in ("log_loss", "q_min", "rho", "normalized_margin", "smoothed_margin", "beta"):
+        assert traj[name][i] == pytest.approx(float(getattr(d, name)), rel=1e-12)
+
+
+def test_beta_and_support_count_match_numpy():
+    prob = _problem(models.mlp((5, 16, 1)), losses.exponential())
+    p = prob.model.init(jax.random.PRNGKey(3))
+    d = diagnostics(prob, p, support_decades=2.0)
+    theta = np.concatenate([np.ravel(x) for x in p])
+    g = np.concatenate([np.ravel(x) for x in jax.grad(prob.log_loss)(p)])
+    assert d.beta == pytest.approx(-theta @ g / np.linalg.norm(theta) / np.linalg.norm(g),
+                                   rel=1e-12)
+    q = np.asarray(prob.margins(p))
+    assert int(d.n_support) == int(np.sum(q < q.min() + 2 * math.log(10)))
+
+
+def test_layer_normalized_margin_is_invariant_under_layer_rebalancing():
+    """Eq. (4): q_min / prod rho_i^{k_i} is unchanged by (c W1, W2 / c) in a ReLU network,
+    while the plain normalized margin q_min / rho^L changes."""
+    prob = _problem(models.mlp((5, 16, 1)), losses.exponential())
+    W1, W2 = prob.model.init(jax.random.PRNGKey(4))
+    a = diagnostics(prob, (W1, W2))
+    b = diagnostics(prob, (3.0 * W1, W2 / 3.0))
+    assert b.layer_normalized_margin == pytest.approx(float(a.layer_normalized_margin), rel=1e-12)
+    assert b.layer_smoothed_margin == pytest.approx(float(a.layer_smoothed_margin), rel=1e-12)
+    assert abs(b.normalized_margin - a.normalized_margin) > 1e-3 * abs(a.normalized_margin)
+
+
+@pytest.mark.parametrize("s0, L", [(0.05, 2.0), (1.0, 1.0), (3.0, 4.0), (20.0, 0.5)])
+def test_phi_integral_is_increasing_continuous_and_matches_eq19_tail(s0, L):
+    """Appendix E.2: I(s) = phi - log s is increasing in s = log(1/L), negative, continuous
+    where the numerical part meets the closed form (19), and equal to (19) far out."""
+    s = s0 * np.exp(np.linspace(0.0, np.log(2000.0 / s0), 20001))
+    I = np.asarray(log_phi(jnp.asarray(s), s0, L)) - np.log(s)
+    assert np.all(np.diff(I) >= -1e-15) and np.all(I < 0)
+    S = max(s0, 2.0) + 60.0 + 3.0 * max(0.0, -math.log(s0))  # where (19) takes over
+    below, above = (float(log_phi(jnp.asarray(x), s0, L)) for x in (S * (1 - 1e-12), S * (1 + 1e-12)))
+    assert abs(above - below) < 1e-9
+    far = 1e6
+    tail = -s0 * (1 / far + 1 / (2 * L * far ** 2))
+    assert float(log_phi(jnp.asarray(far), s0, L)) - math.log(far) == pytest.approx(tail, rel=1e-12)
+
+
+def test_phi_is_undefined_before_t0():
+    assert np.isnan(log_phi(jnp.asarray(0.5), 1.0, 2.0))

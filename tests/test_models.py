@@ -1,0 +1,110 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from homoflow import models
+from homoflow.models import HomogeneityError, check_homogeneity
+
+from conftest import RTOL_F64, all_models, model_id
+
+MODELS = all_models()
+
+
+def _inputs(shape, n=12, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n,) + shape)
+
+
+@pytest.mark.parametrize("entry", MODELS, ids=[model_id(e) for e in MODELS])
+def test_measured_order_equals_declared_for_every_model(entry):
+    model, shape = entry
+    params = model.init(jax.random.PRNGKey(1))
+    report = check_homogeneity(model, params, _inputs(shape), rtol=RTOL_F64)
+    assert abs(report.order - model.order) <= RTOL_F64 * model.order
+    for measured, declared in zip(report.layer_orders, model.layer_orders):
+        assert abs(measured - declared) <= RTOL_F64 * declared
+
+
+@pytest.mark.parametrize("entry", MODELS, ids=[model_id(e) for e in MODELS])
+def test_euler_identity_theta_dot_grad_output_equals_L_output(entry):
+    """Theorem B.2(b): <theta, h> = L Phi for the autodiff selection h of each output."""
+    model, shape = entry
+    params = model.init(jax.random.PRNGKey(2))
+    X = _inputs(shape, n=6, seed=1)
+    out = model.apply(params, X).reshape(X.shape[0], -1)
+    for n in range(X.shape[0]):
+        for j in range(out.shape[1]):
+            grad = jax.grad(lambda p: model.apply(p, X).reshape(X.shape[0], -1)[n, j])(params)
+            lhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                     jax.tree_util.tree_leaves(grad)))
+            scale = np.max(np.abs(out)) * model.order
+            assert abs(lhs - model.order * out[n, j]) <= 1e-10 * scale
+
+
+def test_wrong_declared_order_is_refuted_with_both_values_in_the_message():
+    good = models.mlp((4, 8, 1))
+    wrong = models.Model("mlp-wrong", good.init, good.apply, 3.0, (2.0, 1.0))
+    params = good.init(jax.random.PRNGKey(0))
+    with pytest.raises(HomogeneityError, match=r"declared 3 but measured 2(\.0*)? "):
+        check_homogeneity(wrong, params, _inputs((4,)))
+
+
+def test_wrong_layer_order_is_refuted():
+    good = models.mlp((4, 8, 1), models.relu_power(3))  # layer orders (3, 1)
+    wrong = models.Model("swapped", good.init, good.apply, 4.0, (1.0, 3.0))
+    with pytest.raises(HomogeneityError, match="parameter group 0"):
+        check_homogeneity(wrong, good.init(jax.random.PRNGKey(0)), _inputs((4,)))
+
+
+def test_user_network_with_a_second_layer_bias_is_not_homogeneous():
+    # a * <w, x> + b: degree 2 in (a, w) but degree 1 in b, so no single order exists
+    def apply(params, X):
+        g = params[0]
+        return g["a"] * (X @ g["w"]) + g["b"]
+
+    init = lambda key: ({"a": jnp.asarray(1.5), "w": jax.random.normal(key, (4,)),
+                         "b": jnp.asarray(0.7)},)
+    model = models.homogeneous_model(apply, init, order=2.0, name="biased")
+    with pytest.raises(HomogeneityError, match="biased"):
+        check_homogeneity(model, init(jax.random.PRNGKey(0)), _inputs((4,)))
+
+
+def test_user_homogeneous_function_passes_the_check():
+    # Phi(a, b; x) = a^2 <b, x>: order 3, layer orders (2, 1)
+    apply = lambda p, X: p[0] ** 2 * (X @ p[1])
+    init = lambda key: (jnp.asarray(1.3), jax.random.normal(key, (4,)))
+    model = models.homogeneous_model(apply, init, 3.0, (2.0, 1.0))
+    report = check_homogeneity(model, init(jax.random.PRNGKey(0)), _inputs((4,)))
+    assert report.layer_orders == pytest.approx((2.0, 1.0), rel=RTOL_F64)
+
+
+def test_layer_orders_must_sum_to_the_order():
+    with pytest.raises(ValueError, match="sum to"):
+        models.Model("bad", lambda k: (), lambda p, X: X, 2.0, (1.0, 0.5))
+
+
+def test_cnn_first_layer_bias_keeps_parameter_homogeneity_but_not_input_homogeneity():
+    model = models.cnn((8, 8), channels=(3,), hidden=5, bias_first=True)
+    params = model.init(jax.random.PRNGKey(0))
+    params = ({"w": params[0]["w"], "b": jnp.full((3,), 0.3)},) + params[1:]
+    X = _inputs((8, 8))
+    check_homogeneity(model, params, X)  # homogeneous in theta
+    out, out2 = model.apply(params, X), model.apply(params, 2.0 * X)
+    assert not np.allclose(out2, 2.0 * out, rtol=1e-6)  # ... not in x
+
+
+def test_mexican_hat_initial_condition_has_psi_zero():
+    (theta,) = models.mexican_hat_params(0.6)
+    u, v = float(theta[0]), float(theta[1])
+    r = np.hypot(u, v)
+    phi = np.arctan2(v, u) % (2 * np.pi)
+    assert abs(np.linalg.norm(theta) - 1) < 1e-15
+    assert abs(phi - (1 / (1 - r * r)) % (2 * np.pi)) < 1e-12
+
+
+def test_mexican_hat_gradient_is_finite_at_r_zero_and_r_one():
+    model = models.mexican_hat(2.0)
+    X = jnp.zeros((1, 1))
+    for theta in ([0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):
+        g = jax.grad(lambda p: model.apply(p, X)[0])((jnp.asarray(theta),))
+        assert np.all(np.isfinite(g[0]))
