@@ -86,7 +86,8 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
              s: DescentState):
     """One attempt at an iteration; returns the next state."""
     L = problem.order
-    key, sub = jax.random.split(s.key)
+    # only SGD draws random batches; threefry costs ~1 us, so GD leaves the key alone
+    key, sub = jax.random.split(s.key) if batch_size is not None else (s.key, s.key)
     if policy.optimizer is not None:
         log_loss, g = jax.value_and_grad(problem.log_loss)(s.params)
         if policy.objective == "loss":
@@ -102,11 +103,14 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
             n_updates = 1
         else:
             new_params, n_updates = _sgd_epoch(problem, s.params, log_lr, sub, batch_size)
-    if batch_size is None and policy.optimizer is None:
-        # one forward-backward pass per attempt: the gradient is reused by the next step
+    carry_grad = batch_size is None and policy.optimizer is None
+    if carry_grad and policy.retry:
+        # forward pass now; the backward pass only if the step is accepted (below)
+        new_log_loss, pullback = jax.vjp(problem.log_loss, new_params)
+    elif carry_grad:  # nearly every step is accepted: one fused forward-backward pass
         new_log_loss, new_grad = jax.value_and_grad(problem.log_loss)(new_params)
     else:
-        new_log_loss, new_grad = problem.log_loss(new_params), ()
+        new_log_loss = problem.log_loss(new_params)
 
     params_ok = _all_finite(new_params)
     loss_ok = jnp.isfinite(new_log_loss)
@@ -122,6 +126,14 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
         status = jnp.where((status == OK) & blew_up, DIVERGED, status)
         accepted = accepted & (status == OK)
 
+    # the gradient at the new point is reused by the next step
+    if carry_grad and policy.retry:
+        new_grad = jax.lax.cond(accepted, lambda: pullback(jnp.ones_like(new_log_loss))[0],
+                                lambda: s.grad)
+    elif carry_grad:
+        new_grad = jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new_grad, s.grad)
+    else:
+        new_grad = ()
     step = s.step + accepted
     crossed = accepted & (s.t0_step < 0) & (new_log_loss < log_t0_threshold)
     pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
@@ -130,7 +142,7 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
     return DescentState(
         params=pick(new_params, s.params),
         log_loss=jnp.where(accepted, new_log_loss, s.log_loss),
-        grad=pick(new_grad, s.grad),
+        grad=new_grad,
         min_log_loss=jnp.where(accepted, jnp.minimum(s.min_log_loss, new_log_loss), s.min_log_loss),
         step=step,
         attempts=s.attempts + 1,
@@ -139,13 +151,19 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
         log_lr=jnp.where(accepted, log_lr, s.log_lr),
         policy_state=policy.update(s.policy_state, accepted),
         opt_state=pick(opt_state, s.opt_state),
-        t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, jnp.log(new_rho), L),
-                        lambda: s.t0),
+        t0=_update_t0(crossed, s.t0, new_log_loss, jnp.log(new_rho), L, policy.uses_t0_phi),
         t0_step=jnp.where(crossed, step, s.t0_step),
         key=key,
         status=status,
         bad_step=jnp.where(status != OK, s.step + 1, s.bad_step),
     )
+
+
+def _update_t0(crossed, t0: T0Info, log_loss, log_rho, L, with_phi: bool) -> T0Info:
+    if with_phi:  # phi(L(t0)) costs a 4096-point integral: evaluate it once, at the crossing
+        return jax.lax.cond(crossed, lambda: T0Info.at(log_loss, log_rho, L), lambda: t0)
+    pick = lambda new, old: jnp.where(crossed, new, old)
+    return T0Info(pick(log_loss, t0.log_loss), pick(log_rho, t0.log_rho), t0.log_phi)
 
 
 @functools.lru_cache(maxsize=64)

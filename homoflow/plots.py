@@ -17,6 +17,8 @@ def _axes():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    # log T spans decades (and is negative while T < 1): symlog shows every phase
+    ax.set_xscale("symlog", linthresh=1.0)
     return plt, fig, ax
 
 
