@@ -44,7 +44,6 @@ class Policy:
     max_retries: int = 0
     optimizer: Any = None                        # an optax GradientTransformation, or None
     objective: str = "loss"                      # optax only: gradient of L or of log L
-    uses_t0_phi: bool = False                    # needs T0Info.log_phi (Appendix E.2)
     config: dict = field(default_factory=dict, compare=False)
 
 
@@ -116,7 +115,7 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
         log_h = log_h_bound(s, s0, log_c_fn(t0, L), L) + log_frac
         return jnp.where(after, log_h, log_pre)
 
-    return Policy("h_bound", lambda: (), log_lr, lambda st, ok: st, uses_t0_phi=c_eta is None,
+    return Policy("h_bound", lambda: (), log_lr, lambda st, ok: st,
                   config={"c_eta": c_eta, "constants": constants,
                           "lr_before_t0": lr_before_t0, "fraction": fraction})
 
