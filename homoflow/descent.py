@@ -78,27 +78,41 @@ def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int):
     return params, n_batches
 
 
-def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_threshold,
-             s: DescentState):
-    """One attempt at an iteration; returns the next state."""
-    L = problem.order
-    # only SGD draws random batches; threefry costs ~1 us, so GD leaves the key alone
-    key, sub = jax.random.split(s.key) if batch_size is not None else (s.key, s.key)
+def _propose(problem, policy: Policy, batch_size, s: DescentState, key):
+    """The candidate parameters of one attempt: (params, log eta, updates made, opt state)."""
     if policy.optimizer is not None:
         log_loss, g = jax.value_and_grad(problem.log_loss)(s.params)
         if policy.objective == "loss":
             g = jax.tree_util.tree_map(lambda x: jnp.exp(log_loss) * x, g)
         updates, opt_state = policy.optimizer.update(g, s.opt_state, s.params)
-        new_params = jax.tree_util.tree_map(jnp.add, s.params, updates)
-        log_lr, n_updates = optax_log_lr(s.opt_state), 1
-    else:
-        log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, L)
-        opt_state = s.opt_state
-        if batch_size is None:
-            new_params = _tree_axpy(-jnp.exp(log_lr + s.log_loss), s.grad, s.params)
-            n_updates = 1
-        else:
-            new_params, n_updates = _sgd_epoch(problem, s.params, log_lr, sub, batch_size)
+        return (jax.tree_util.tree_map(jnp.add, s.params, updates), optax_log_lr(s.opt_state),
+                1, opt_state)
+    log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, problem.order)
+    if batch_size is None:
+        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), s.grad, s.params), log_lr, 1, s.opt_state
+    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size)
+    return params, log_lr, n_updates, s.opt_state
+
+
+def _verdict(policy: Policy, divergence_log_factor, s: DescentState, new_log_loss, params_ok):
+    """(accepted, consecutive failures, status) of an attempt."""
+    loss_ok = jnp.isfinite(new_log_loss)
+    if policy.retry:  # the loss-based scheduler: accept decreases, back off otherwise
+        accepted = params_ok & loss_ok & (new_log_loss < s.log_loss)
+        fails = jnp.where(accepted, 0, s.fails + 1)
+        return accepted, fails, jnp.where(fails > policy.max_retries, STALLED, OK)
+    status = jnp.where(~params_ok, NONFINITE_PARAMS, jnp.where(~loss_ok, NONFINITE_LOSS, OK))
+    blew_up = new_log_loss > s.min_log_loss + divergence_log_factor
+    status = jnp.where((status == OK) & blew_up, DIVERGED, status)
+    return status == OK, s.fails, status
+
+
+def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_threshold,
+             s: DescentState):
+    """One attempt at an iteration; returns the next state."""
+    # only SGD draws random batches; threefry costs ~1 us, so GD leaves the key alone
+    key, sub = jax.random.split(s.key) if batch_size is not None else (s.key, s.key)
+    new_params, log_lr, n_updates, opt_state = _propose(problem, policy, batch_size, s, sub)
     carry_grad = batch_size is None and policy.optimizer is None
     if carry_grad and policy.retry:
         # forward pass now; the backward pass only if the step is accepted (below)
@@ -111,32 +125,20 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
     # one reduction serves both checks: ||theta||^2 is finite iff every entry is (and
     # rho has not overflowed), and it gives rho(t0) at the crossing
     sq_norm = sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(new_params))
-    params_ok = jnp.isfinite(sq_norm)
-    loss_ok = jnp.isfinite(new_log_loss)
-    if policy.retry:
-        accepted = params_ok & loss_ok & (new_log_loss < s.log_loss)
-        fails = jnp.where(accepted, 0, s.fails + 1)
-        status = jnp.where(fails > policy.max_retries, STALLED, OK)
-    else:
-        accepted = params_ok & loss_ok
-        fails = s.fails
-        status = jnp.where(~params_ok, NONFINITE_PARAMS, jnp.where(~loss_ok, NONFINITE_LOSS, OK))
-        blew_up = new_log_loss > s.min_log_loss + divergence_log_factor
-        status = jnp.where((status == OK) & blew_up, DIVERGED, status)
-        accepted = accepted & (status == OK)
+    accepted, fails, status = _verdict(policy, divergence_log_factor, s, new_log_loss,
+                                       jnp.isfinite(sq_norm))
+    pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
 
     # the gradient at the new point is reused by the next step
     if carry_grad and policy.retry:
         new_grad = jax.lax.cond(accepted, lambda: pullback(jnp.ones_like(new_log_loss))[0],
                                 lambda: s.grad)
     elif carry_grad:
-        new_grad = jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new_grad, s.grad)
+        new_grad = pick(new_grad, s.grad)
     else:
         new_grad = ()
     step = s.step + accepted
     crossed = accepted & (s.t0_step < 0) & (new_log_loss < log_t0_threshold)
-    pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
-    log_step_T = log_lr + math.log(n_updates)
     return DescentState(
         params=pick(new_params, s.params),
         log_loss=jnp.where(accepted, new_log_loss, s.log_loss),
@@ -145,13 +147,14 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
         step=step,
         attempts=s.attempts + 1,
         fails=fails,
-        log_T=jnp.where(accepted, jnp.logaddexp(s.log_T, log_step_T), s.log_T),
+        log_T=jnp.where(accepted, jnp.logaddexp(s.log_T, log_lr + math.log(n_updates)), s.log_T),
         log_lr=jnp.where(accepted, log_lr, s.log_lr),
         policy_state=policy.update(s.policy_state, accepted),
         opt_state=pick(opt_state, s.opt_state),
         # phi(L(t0)) costs a 4096-point integral: evaluated once, at the crossing (lax.cond
         # also measured faster here than selecting with jnp.where)
-        t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, 0.5 * jnp.log(sq_norm), L),
+        t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, 0.5 * jnp.log(sq_norm),
+                                                   problem.order),
                         lambda: s.t0),
         t0_step=jnp.where(crossed, step, s.t0_step),
         key=key,
