@@ -258,7 +258,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
 
     record(state)
     grid = record_grid(steps, n_records)
-    bar = tqdm(total=steps, disable=not progress, unit="it", leave=False)
+    bar = tqdm(total=steps, disable=not progress, unit="it", leave=False, mininterval=0.5)
     for target in grid[1:]:
         while int(state.step) < target and int(state.status) == OK:
             n = int(min(target - int(state.step), chunk))
