@@ -291,7 +291,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         message = _stop_message(int(state.status), int(state.bad_step), state, policy,
                                 divergence_factor)
         meta.update(status=status, message=message, stopped_at_step=int(state.bad_step))
-        raise RunStopped(message, _build(rows, snaps, meta), int(state.bad_step), status)
+        raise RunStopped(message, Trajectory.from_rows(rows, snaps, meta), int(state.bad_step), status)
     if float(state.min_log_loss) >= problem.loss.log_threshold:
         status = "not_separated"
         message = (f"the loss never fell below the separability threshold l(b_f) = "
@@ -304,7 +304,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         if meta["t0_step"] is None:
             message += f" (log L never fell below t0_log_loss = {log_t0:.6g})"
     meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
-    return _build(rows, snaps, meta)
+    return Trajectory.from_rows(rows, snaps, meta)
 
 
 def _norm(params):
@@ -323,10 +323,3 @@ def _stop_message(code, bad_step, state, policy, divergence_factor):
                 f"{policy.name} {policy.config} makes gradient descent diverge, use a smaller step")
     return (f"the loss-based scheduler failed to decrease the loss in {policy.max_retries} "
             f"consecutive retries {at} (log L = {float(state.log_loss):.6g})")
-
-
-def _build(rows, snaps, meta) -> Trajectory:
-    keys = rows[0].keys()
-    columns = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
-    snapshots = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *snaps) if snaps else None
-    return Trajectory(columns, snapshots, meta)

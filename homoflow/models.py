@@ -252,13 +252,21 @@ def mexican_hat_params(r: float = 0.5) -> Params:
     return (jnp.array([r * math.cos(phi), r * math.sin(phi), math.sqrt(1.0 - r * r)]),)
 
 
-def mexican_hat(L: float = 2.0, r0: float = 0.5) -> Model:
-    """Appendix I: h(x, y, z) = rho^L (1 - f(x/rho, y/rho)), f the Mexican hat of Absil et al.
+def mexican_hat(L: float = 2.0, r0: float = 0.5, paper_c: bool = False) -> Model:
+    """Appendix I: h(x, y, z) = rho^L (1 - f(x/rho, y/rho)), f a Mexican hat
+    f = exp(-1/(1-r^2)) (1 - C(r) sin(phi - 1/(1-r^2))) for r < 1, 0 otherwise.
 
     Every data point has margin q_n = h(theta) (the output ignores X). ``init`` ignores its
-    key and returns Theorem I.1's initial condition with radius ``r0``: from there the
-    direction circles forever (psi = phi - 1/(1 - r^2) stays 0, r -> 1).
+    key and returns Theorem I.1's initial condition with radius ``r0``.
+
+    C(r). The paper takes Absil et al.'s C(r) = 4r^4 / (4r^4 + (1-r^2)^4) (``paper_c=True``).
+    For the homogeneous model, though, dr/dt carries a factor (1 - r^2) from the projection
+    onto the sphere (Appendix I's own formula for dr/dt), which the proof's d psi/dt drops;
+    keeping it, psi = phi - 1/(1-r^2) = 0 is invariant exactly when
+    C(r) = 4r^4 / (4r^4 + (1-r^2)^3), the default here. With the paper's C, autodiff gives
+    d psi/dt = 0.116 at the initial point (r = 0.5, L = 2), so psi does not stay 0.
     """
+    power = 4.0 if paper_c else 3.0
     def hat(u, v):
         r2 = u * u + v * v
         s = 1.0 - r2
@@ -266,8 +274,9 @@ def mexican_hat(L: float = 2.0, r0: float = 0.5) -> Model:
         s_safe = jnp.where(inside, s, 1.0)
         a = 1.0 / s_safe
         r = jnp.sqrt(jnp.where(r2 > 0, r2, 1.0))
-        # C(r) sin(phi - a) = 4 r^3 (v cos a - u sin a) / (4 r^4 + s^4), smooth at r = 0
-        c_sin = 4.0 * r2 * r * (v * jnp.cos(a) - u * jnp.sin(a)) / (4.0 * r2 * r2 + s_safe ** 4)
+        # C(r) sin(phi - a) = 4 r^3 (v cos a - u sin a) / (4 r^4 + s^power), smooth at r = 0
+        c_sin = (4.0 * r2 * r * (v * jnp.cos(a) - u * jnp.sin(a))
+                 / (4.0 * r2 * r2 + s_safe ** power))
         c_sin = jnp.where(r2 > 0, c_sin, 0.0)
         return jnp.where(inside, jnp.exp(-a) * (1.0 - c_sin), 0.0)
 
@@ -278,7 +287,7 @@ def mexican_hat(L: float = 2.0, r0: float = 0.5) -> Model:
         return jnp.broadcast_to(out, (X.shape[0],))
 
     return Model("mexican_hat", lambda key: mexican_hat_params(r0), apply, float(L), (float(L),),
-                 1, {"L": L, "r0": r0})
+                 1, {"L": L, "r0": r0, "paper_c": paper_c})
 
 
 def homogeneous_model(apply: Callable, init: Callable, order: float,

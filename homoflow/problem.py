@@ -118,9 +118,10 @@ def make_problem(model: Model, loss: Loss, X, y, *, check: bool = True,
     except (TypeError, ValueError) as e:
         raise ValueError(f"model {model.name!r} cannot be applied to inputs of shape "
                          f"{X.shape[1:]} (config {model.config}): {e}") from e
-    expected = (2,) if not model.multiclass else (2, model.n_outputs)
+    k = min(2, X.shape[0])
+    expected = (k,) if not model.multiclass else (k, model.n_outputs)
     if out.shape != expected:
-        raise ValueError(f"model {model.name!r} returns shape {out.shape} on 2 inputs of shape "
+        raise ValueError(f"model {model.name!r} returns shape {out.shape} on {k} inputs of shape "
                          f"{X.shape[1:]}; expected {expected}")
     if check:
         check_homogeneity(model, params, X_arr[: min(64, X.shape[0])])

@@ -75,6 +75,13 @@ class Trajectory:
     snapshots: Any = None
     meta: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_rows(cls, rows: list[dict], snaps: list, meta: dict) -> "Trajectory":
+        """Stack per-record dicts of values and per-record parameter pytrees."""
+        columns = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+        snapshots = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *snaps) if snaps else None
+        return cls(columns, snapshots, meta)
+
     def __len__(self) -> int:
         return len(self.columns["step"])
 

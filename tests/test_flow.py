@@ -1,0 +1,178 @@
+"""Gradient flow: phase 1 (diffrax, original time) and phase 2 (log-polar ROS2 W-method).
+
+These checks use models without kinks (linear, deep linear, the Mexican hat): on ReLU
+networks the autodiff selection makes the log-polar solve chatter along activation
+boundaries (see the flow module's status in the README)."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import homoflow
+from homoflow import data, losses, models, schedules
+from homoflow.flow import align, flow, polar_rates
+from homoflow.problem import make_problem
+
+
+def _linear_problem(model):
+    X, y = data.linearly_separable(40, 5, 0)
+    return make_problem(model, losses.exponential(), X, y), X, y
+
+
+@pytest.fixture(scope="module")
+def linear_flow():
+    prob, X, y = _linear_problem(models.linear(5))
+    traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=1e6, n_saves=30,
+                h_max=0.005, progress=False)
+    return prob, X, y, traj
+
+
+@pytest.fixture(scope="module")
+def deep_linear_flow():
+    prob, _, _ = _linear_problem(models.deep_linear((5, 4, 4, 1)))
+    traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=100.0, n_saves=15,
+                rtol=1e-10, atol=1e-12, polar_rtol=1e-10, polar_atol=1e-10, progress=False)
+    return prob, traj
+
+
+def _hard_margin_svm(X, y):
+    """min ||w||^2 / 2 s.t. y_n <w, x_n> >= 1, through its dual
+    min_{a >= 0} ||A^T a||^2 / 2 - sum a (A = y * X) solved by scipy's L-BFGS-B, an
+    independent solver; returns the unit direction after checking the KKT conditions."""
+    A = y[:, None] * X
+    res = scipy.optimize.minimize(
+        lambda a: (0.5 * np.sum((A.T @ a) ** 2) - a.sum(), A @ (A.T @ a) - 1.0),
+        np.zeros(len(y)), jac=True, method="L-BFGS-B", bounds=[(0, None)] * len(y),
+        options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})
+    # polish on the support set: A_S A_S^T a_S = 1 exactly, then check all KKT conditions
+    S = res.x > 1e-6 * res.x.max()
+    a_S = np.linalg.solve(A[S] @ A[S].T, np.ones(S.sum()))
+    w = A[S].T @ a_S
+    assert np.all(a_S > 0) and (A @ w).min() > 1 - 1e-12  # dual and primal feasibility
+    return w / np.linalg.norm(w)
+
+
+def test_linear_flow_direction_approaches_the_svm_like_one_over_log_t(linear_flow):
+    prob, X, y, traj = linear_flow
+    w_svm = _hard_margin_svm(X, y)
+    W = traj.snapshots[0][:, :, 0]
+    err = np.linalg.norm(W / np.linalg.norm(W, axis=1, keepdims=True) - w_svm, axis=1)
+    log_t = traj["log_T"]
+    late = log_t >= 100
+    assert late.sum() >= 8 and log_t[-1] >= 1e6
+    scaled = err[late] * log_t[late]  # ~ constant if the error shrinks like 1 / log t
+    assert scaled.max() / scaled.min() < 1.5
+    assert np.all(np.diff(err[late]) < 0)
+
+
+def test_deep_linear_flow_conserves_layer_balance_in_both_phases(deep_linear_flow):
+    """W_{k+1}^T W_{k+1} - W_k W_k^T is constant along the flow (relative drift <= 1e-8).
+    Weights act as h @ W here, so the invariant reads W_{k+1} W_{k+1}^T - W_k^T W_k."""
+    prob, traj = deep_linear_flow
+    assert set(traj["phase"]) == {1, 2}
+    Ws = traj.snapshots
+
+    def balance(i):
+        return [Ws[k + 1][i] @ Ws[k + 1][i].T - Ws[k][i].T @ Ws[k][i] for k in range(2)]
+
+    D0 = balance(0)
+    for i in range(len(traj)):
+        for Di, D0k in zip(balance(i), D0):
+            assert np.abs(Di - D0k).max() <= 1e-8 * np.abs(D0k).max()
+
+
+@pytest.mark.parametrize("which", ["linear", "deep_linear"])
+def test_smoothed_margin_never_decreases_and_lemma_c9_holds_after_t0(which, linear_flow,
+                                                                     deep_linear_flow):
+    """Theorem 4.1 (gamma_tilde non-decreasing, relative tolerance 1e-10) and Lemma C.9:
+    int (beta^-2 - 1) dlog rho <= (1/L) log(gamma_tilde(t2) / gamma_tilde(t1)) on every window
+    between saved points (trapezoid rule for the left side)."""
+    prob, traj = (linear_flow[0], linear_flow[3]) if which == "linear" else deep_linear_flow
+    c = traj.columns
+    after = (c["phase"] == 2) & c["separated"].astype(bool)
+    g, b, tau = c["smoothed_margin"][after], c["beta"][after], c["tau"][after]
+    assert len(g) > 10
+    assert np.all(g[1:] >= g[:-1] * (1 - 1e-10))
+    lhs = 0.5 * ((b[1:] ** -2 - 1) + (b[:-1] ** -2 - 1)) * np.diff(tau)
+    rhs = np.log(g[1:] / g[:-1]) / prob.order
+    assert np.all(lhs <= rhs)
+
+
+def test_lemma_5_1_and_the_speed_identity_hold_at_saved_points(linear_flow, deep_linear_flow):
+    """d log gamma_tilde / d tau >= L ||d theta_hat / d tau||^2 (Lemma 5.1 in tau) and
+    ||d theta_hat / d tau||^2 = beta^-2 - 1 (relative 1e-6, absolute 1e-14), at every saved
+    point after t0."""
+    for prob, traj in ((linear_flow[0], linear_flow[3]), deep_linear_flow):
+        for i in np.nonzero((traj["phase"] == 2) & traj["separated"].astype(bool))[0]:
+            p = jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), traj.snapshots)
+            r = polar_rates(prob, p)
+            assert r["dlog_smoothed_dtau"] >= prob.order * r["speed2"]
+            # beta^-2 - 1 from beta ~ 1 carries an absolute rounding error of a few 1e-16
+            assert r["speed2"] == pytest.approx(float(r["beta"]) ** -2 - 1, rel=1e-6, abs=1e-14)
+
+
+def test_descent_approaches_the_flow_linearly_in_the_step_size():
+    """At equal T = sum eta, ||theta_GD - theta_flow|| = O(eta): the fitted slope of
+    log distance against log eta over three step sizes lies in [0.8, 1.2]."""
+    prob, _, _ = _linear_problem(models.linear(5))
+    params0 = prob.model.init(jax.random.PRNGKey(0))
+    T, etas, dist = 2.0, [0.02, 0.01, 0.005], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # T = 2 is before t0: "not separated" is expected
+        for eta in etas:
+            gd = homoflow.descent(prob, params0, schedules.constant(eta), int(round(T / eta)),
+                                  progress=False, n_records=5)
+            fl = flow(prob, params0, log_t_max=2.5, save_t=np.exp(gd["log_T"][1:]), rtol=1e-12,
+                      atol=1e-14, n_saves=3, progress=False)
+            aligned = align(gd, fl)
+            assert aligned["log_T"][-1] == pytest.approx(math.log(T), rel=1e-12)
+            dist.append(aligned["param_distance"][-1])
+    slope = np.polyfit(np.log(etas), np.log(dist), 1)[0]
+    assert 0.8 <= slope <= 1.2
+
+
+def test_mexican_hat_psi_is_invariant_only_with_the_corrected_c():
+    """Appendix I: d psi/dt = 0 on psi = 0 needs C(r) = 4r^4 / (4r^4 + (1-r^2)^3) for the
+    homogeneous model (the paper's (1-r^2)^4 drops the sphere's (1-r^2) factor in dr/dt)."""
+    X = jnp.zeros((1, 1))
+
+    def psi(th):
+        rho = jnp.linalg.norm(th)
+        u, v = th[0] / rho, th[1] / rho
+        return jnp.arctan2(v, u) - 1 / (1 - (u * u + v * v))
+
+    for r0 in (0.3, 0.5, 0.8):
+        rates = []
+        for paper_c in (False, True):
+            model = models.mexican_hat(2.0, r0, paper_c=paper_c)
+            (theta,) = model.init(None)
+            grad = jax.grad(lambda t: model.apply((t,), X)[0])(theta)
+            rates.append(float(jax.jvp(psi, (theta,), (grad,))[1]))
+        assert abs(rates[0]) <= 1e-12 and abs(rates[1]) > 1e-3
+
+
+def test_mexican_hat_flow_keeps_psi_zero_while_the_direction_keeps_moving():
+    model = models.mexican_hat(2.0)
+    prob = make_problem(model, losses.exponential(), np.zeros((1, 1)), np.ones(1))
+    traj = flow(prob, model.init(None), log_t_max=1e3, n_saves=100, polar_rtol=1e-10,
+                polar_atol=1e-10, progress=False)
+    th = traj.snapshots[0]
+    u, v = (th[:, :2] / np.linalg.norm(th, axis=1, keepdims=True)).T
+    r, phi = np.hypot(u, v), np.unwrap(np.arctan2(v, u))
+    psi = (phi - 1 / (1 - r ** 2) + np.pi) % (2 * np.pi) - np.pi
+    assert np.abs(psi).max() <= 1e-6
+    assert np.all(np.diff(r) > 0) and np.all(np.diff(phi) > 0)  # spiralling outwards
+
+
+def test_flow_on_data_that_never_separate_stops_at_the_time_limit_and_says_so():
+    X = np.array([[1.0, 0.5], [1.0, 0.5], [-0.3, 2.0]])
+    prob = make_problem(models.linear(2), losses.exponential(), X, np.array([1.0, -1.0, 1.0]))
+    with pytest.warns(UserWarning, match="never fell below the separability threshold"):
+        traj = flow(prob, models.linear(2).init(jax.random.PRNGKey(0)), log_t_max=10.0,
+                    t0_limit=1e3, progress=False)
+    assert traj.status == "not_separated" and set(traj["phase"]) == {1}
