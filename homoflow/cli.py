@@ -14,6 +14,7 @@ import jax
 from . import data as data_mod
 from . import losses, models, schedules
 from .descent import RunStopped, descent
+from .flow import flow
 from .plots import plot_trajectory
 from .problem import make_problem
 
@@ -51,8 +52,10 @@ def _build_policy(args):
 
 
 def _summary_table(summary: dict) -> str:
-    rows = [("status", summary["status"]), ("iterations", summary["steps"]),
-            ("t0 (first L < l(b_f))", summary["t0_step"]),
+    rows = [("status", summary["status"]),
+            ("iterations" if summary["engine"] != "flow" else "solver steps", summary["steps"]),
+            ("t0 (first L < l(b_f))", summary["t0_step"] if summary["engine"] != "flow"
+             else f"t = {summary['t0_time']:.6g}" if summary["t0_time"] is not None else None),
             ("log T", f"{summary['log_T']:.6g}"),
             ("log10 L", f"{summary['log10_loss']:.6g}"),
             ("rho = ||theta||", f"{summary['rho']:.6g}")]
@@ -87,14 +90,20 @@ def _run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
         "run-%Y%m%d-%H%M%S-%f")
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    print(f"homoflow run: {model.name} (L = {model.order:g}, {len(jax.tree_util.tree_leaves(params0))} "
-          f"weight arrays) on {args.data} data (N = {args.n}, d = {args.dim}), {args.loss} loss, "
-          f"{policy.name} steps, {args.steps} iterations")
+    how = (f"gradient flow to log t = {args.log_t_max:g}" if args.engine == "flow"
+           else f"{policy.name} steps, {args.steps} iterations")
+    print(f"homoflow run: {model.name} (L = {model.order:g}, "
+          f"{len(jax.tree_util.tree_leaves(params0))} weight arrays) on {args.data} data "
+          f"(N = {args.n}, d = {args.dim}), {args.loss} loss, {how}")
     code = 0
     try:
-        traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
-                       key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
-                       config=config)
+        if args.engine == "flow":
+            traj = flow(problem, params0, log_t_max=args.log_t_max,
+                        progress=not args.no_progress, config=config)
+        else:
+            traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
+                           key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
+                           config=config)
     except RunStopped as stop:
         traj, code = stop.trajectory, 2
         print(f"stopped: {stop}", file=sys.stderr)
@@ -120,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Gaussian points in 10 dimensions, exponential loss, the loss-based "
                     "step-size scheduler of Appendix K.1, 10^4 iterations.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--engine", choices=("descent", "flow"), default="descent",
+                     help="gradient descent, or gradient flow (diffrax, then log-polar time)")
+    run.add_argument("--log-t-max", type=float, default=100.0,
+                     help="flow: stop at this log t (natural log of time)")
     run.add_argument("--model", choices=MODELS, default="mlp", help="model family")
     run.add_argument("--activation", choices=ACTIVATION_CHOICES, default="relu",
                      help="mlp activation")

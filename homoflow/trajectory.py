@@ -113,7 +113,8 @@ class Trajectory:
             "status": self.status,
             "message": self.meta.get("message", ""),
             "steps": int(last.get("step", 0)),
-            "t0_step": self.meta.get("t0_step"),
+            "t0_step": self.meta.get("t0_step"),  # descent: the iteration of t0
+            "t0_time": self.meta.get("t0"),       # flow: the time t0
             "log_T": float(last.get("log_T", math.nan)),
             "log10_loss": float(last.get("log_loss", math.nan)) / math.log(10),
             "rho": float(last.get("rho", math.nan)),

@@ -42,3 +42,15 @@ def test_h_bound_without_c_eta_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--policy", "h_bound"])
     assert "--c-eta" in capsys.readouterr().err
+
+
+def test_run_with_the_flow_engine_writes_the_same_run_directory(tmp_path, capsys):
+    out = tmp_path / "flow"
+    code = main(["run", "--engine", "flow", "--model", "linear", "--log-t-max", "20",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert "gradient flow to log t = 20" in capsys.readouterr().out
+    traj = Trajectory.load(out)
+    assert traj.meta["engine"] == "flow" and traj["log_T"][-1] >= 20
+    for name in ("trajectory.csv", "loss.png", "margins.png", "rho.png", "beta.png"):
+        assert (out / name).stat().st_size > 0, name
