@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .diagnostics import diagnostics
+from .diagnostics import diagnostics, global_norm, tree_dot
 from .problem import Problem
 from .schedules import Policy, T0Info, optax_log_lr
 from .trajectory import Trajectory, package_versions
@@ -124,7 +124,7 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
 
     # one reduction serves both checks: ||theta||^2 is finite iff every entry is (and
     # rho has not overflowed), and it gives rho(t0) at the crossing
-    sq_norm = sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(new_params))
+    sq_norm = tree_dot(new_params, new_params)
     accepted, fails, status = _verdict(policy, divergence_log_factor, s, new_log_loss,
                                        jnp.isfinite(sq_norm))
     pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
@@ -239,7 +239,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         t0=T0Info(nan, nan, nan), t0_step=jnp.asarray(-1), key=key,
         status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
     if log_loss0 < log_t0:  # already past t0 at t = 0
-        state = state._replace(t0=T0Info.at(log_loss0, jnp.log(_norm(params0)), problem.order),
+        state = state._replace(t0=T0Info.at(log_loss0, jnp.log(global_norm(params0)),
+                                               problem.order),
                                t0_step=jnp.asarray(0))
 
     advance = _make_advance(policy, batch_size, math.log(divergence_factor), log_t0)
@@ -291,7 +292,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         message = _stop_message(int(state.status), int(state.bad_step), state, policy,
                                 divergence_factor)
         meta.update(status=status, message=message, stopped_at_step=int(state.bad_step))
-        raise RunStopped(message, Trajectory.from_rows(rows, snaps, meta), int(state.bad_step), status)
+        raise RunStopped(message, Trajectory.from_rows(rows, snaps, meta), int(state.bad_step),
+                         status)
     if float(state.min_log_loss) >= problem.loss.log_threshold:
         status = "not_separated"
         message = (f"the loss never fell below the separability threshold l(b_f) = "
@@ -305,10 +307,6 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             message += f" (log L never fell below t0_log_loss = {log_t0:.6g})"
     meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
     return Trajectory.from_rows(rows, snaps, meta)
-
-
-def _norm(params):
-    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(params)))
 
 
 def _stop_message(code, bad_step, state, policy, divergence_factor):

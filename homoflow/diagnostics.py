@@ -132,7 +132,8 @@ def diagnostics(problem: Problem, params, log_loss_t0=jnp.nan,
     inv = loss.inverse(log_loss)
 
     g_norm = global_norm(grad)
-    beta = jnp.where(g_norm > 0, -tree_dot(params, grad) / (rho * jnp.where(g_norm > 0, g_norm, 1.0)), 0.0)
+    safe_norm = jnp.where(g_norm > 0, g_norm, 1.0)  # beta = 0 at a stationary point
+    beta = jnp.where(g_norm > 0, -tree_dot(params, grad) / (rho * safe_norm), 0.0)
 
     # nu = sum_n e^{-f(q~_n)} f'(q~_n) s_bar_n (Theorem B.4; Appendix F), divided by L
     nu_over_loss = jnp.sum(jnp.exp(-loss.f(q_loss) - log_loss) * loss.f_prime(q_loss) * s_bar)

@@ -222,7 +222,8 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel: i
         groups, c_prev = [], cin
         for k, c in zip(keys, channels):
             fan_in = kernel * kernel * c_prev
-            groups.append(math.sqrt(2.0 / fan_in) * jax.random.normal(k, (kernel, kernel, c_prev, c)))
+            shape = (kernel, kernel, c_prev, c)
+            groups.append(math.sqrt(2.0 / fan_in) * jax.random.normal(k, shape))
             c_prev = c
         groups.append(math.sqrt(2.0 / flat) * jax.random.normal(keys[-2], (flat, hidden)))
         groups.append(math.sqrt(2.0 / hidden) * jax.random.normal(keys[-1], (hidden, n_outputs)))

@@ -30,7 +30,8 @@ def plot_trajectory(traj: Trajectory, directory) -> list[Path]:
     ok = np.isfinite(c["log_T"])
     x = c["log_T"][ok]
     sep = c["separated"][ok].astype(bool)
-    title = f"{traj.meta.get('model', '')}, {traj.meta.get('loss', '')} loss, {traj.meta.get('engine', '')}"
+    m = traj.meta
+    title = f"{m.get('model', '')}, {m.get('loss', '')} loss, {m.get('engine', '')}"
     paths = []
 
     plt, fig, ax = _axes()
