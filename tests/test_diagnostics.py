@@ -141,3 +141,28 @@ def test_phi_integral_is_increasing_continuous_and_matches_eq19_tail(s0, L):
 
 def test_phi_is_undefined_before_t0():
     assert np.isnan(log_phi(jnp.asarray(0.5), 1.0, 2.0))
+
+
+from conftest import all_models, model_id  # noqa: E402
+
+EVERY_MODEL = all_models()
+
+
+@pytest.mark.parametrize("entry", EVERY_MODEL, ids=[model_id(e) for e in EVERY_MODEL])
+@pytest.mark.parametrize("scale", [0.3, 1.0, 4.0])
+def test_smoothed_margin_bounds_hold_for_every_model(entry, scale):
+    """Exponential loss, any theta: gamma_tilde <= gamma_bar <= gamma_tilde + log M / rho^L,
+    since e^{-q_min} <= L <= M e^{-q_min} with M = N (binary) or N (C - 1) (C classes,
+    where L = sum_n sum_{j != y_n} e^{-s_nj}). Relative tolerance 1e-12."""
+    model, shape = entry
+    n = 24
+    X = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (n,) + shape))
+    y = np.arange(n) % model.n_outputs if model.multiclass else np.where(np.arange(n) % 2, 1.0, -1.0)
+    prob = make_problem(model, losses.exponential(), X, y)
+    params = jax.tree_util.tree_map(lambda p: scale * p, model.init(jax.random.PRNGKey(6)))
+    d = diagnostics(prob, params)
+    M = n * (model.n_outputs - 1 if model.multiclass else 1)
+    tol = 1e-12 * (abs(float(d.normalized_margin)) + 1e-300)
+    assert d.smoothed_margin <= d.normalized_margin + tol
+    bound = math.log(M) * np.exp(-prob.order * d.log_rho)
+    assert d.normalized_margin - d.smoothed_margin <= bound + tol
