@@ -93,7 +93,8 @@ def main(argv=None) -> int:
               "attempts": int(last["attempts"]), "one_minus_beta": 1 - float(last["beta"]),
               "best_single_step_gain": gain, "best_alpha": alpha, "target": args.target,
               "reach": reach, "device": jax.devices()[0].device_kind,
-              "command": " ".join(["python", "benchmarks/descent_reach.py", *(argv or sys.argv[1:])])}
+              "command": " ".join(["python", "benchmarks/descent_reach.py",
+                                   *(argv or sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

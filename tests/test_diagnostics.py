@@ -132,7 +132,8 @@ def test_phi_integral_is_increasing_continuous_and_matches_eq19_tail(s0, L):
     I = np.asarray(log_phi(jnp.asarray(s), s0, L)) - np.log(s)
     assert np.all(np.diff(I) >= -1e-15) and np.all(I < 0)
     S = max(s0, 2.0) + 60.0 + 3.0 * max(0.0, -math.log(s0))  # where (19) takes over
-    below, above = (float(log_phi(jnp.asarray(x), s0, L)) for x in (S * (1 - 1e-12), S * (1 + 1e-12)))
+    below, above = (float(log_phi(jnp.asarray(x), s0, L))
+                    for x in (S * (1 - 1e-12), S * (1 + 1e-12)))
     assert abs(above - below) < 1e-9
     far = 1e6
     tail = -s0 * (1 / far + 1 / (2 * L * far ** 2))

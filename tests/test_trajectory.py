@@ -23,8 +23,9 @@ def test_save_and_load_round_trip_columns_snapshots_and_meta(traj, tmp_path):
     for k in traj.columns:
         np.testing.assert_array_equal(back[k], traj[k])
     # nested parameter groups (a dict in the first group) come back with their structure
-    assert jax.tree_util.tree_structure(back.snapshots) == jax.tree_util.tree_structure(traj.snapshots)
-    for a, b in zip(jax.tree_util.tree_leaves(back.snapshots), jax.tree_util.tree_leaves(traj.snapshots)):
+    tree = jax.tree_util
+    assert tree.tree_structure(back.snapshots) == tree.tree_structure(traj.snapshots)
+    for a, b in zip(tree.tree_leaves(back.snapshots), tree.tree_leaves(traj.snapshots)):
         np.testing.assert_array_equal(a, b)
     assert back.meta["config"] == {"note": "roundtrip"}
     assert back.meta["versions"]["jax"] == traj.meta["versions"]["jax"]
