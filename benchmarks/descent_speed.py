@@ -2,8 +2,8 @@
 
 Measures attempts per second (one attempt = a parameter update and the loss at the
 candidate, plus the gradient there if it is accepted; rejected loss-based attempts count)
-of ``homoflow.descent`` on the default problem of ``homoflow run``: a bias-free two-layer ReLU network (10-100-1) with the
-exponential loss on ``data.linearly_separable(100, 10, 0)``, for the loss-based scheduler
+of ``homoflow.descent`` on the default problem of ``homoflow run``: a bias-free two-layer
+ReLU network (10-100-1) with the exponential loss on ``data.linearly_separable(100, 10, 0)``, for the loss-based scheduler
 and a constant step size of 1e-4.
 
 The baseline is the same math written the way a researcher would in PyTorch: eager mode,

@@ -231,8 +231,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     4e-8 (h_max / 0.02)^4: 2.4e-5, 4e-8, 1.7e-10 at h_max = 0.1, 0.02, 0.005), and a
     decade of log t takes about 1.15 / (L h_max) steps at most on a kink-free model.
 
-    Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0; phase 2 saves at the first accepted step at or past each of
-    ``n_saves`` log-spaced values of log t between log t0 and ``log_t_max`` (or of tau when
+    Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0;
+    phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced values of log t between log t0 and ``log_t_max`` (or of tau when
     only ``tau_max`` is given). Columns are those of ``descent`` (``log_T`` is log t, ``step``
     counts accepted solver steps) plus ``phase``, ``tau``, ``rejected`` and ``wall_s``.
 
