@@ -49,7 +49,7 @@ from .trajectory import Trajectory, package_versions
 _ROS2_GAMMA = 1.0 + 1.0 / math.sqrt(2.0)
 
 # status codes of the log-polar loop
-OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS = 0, 1, 2, 3, 4
+OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED = 0, 1, 2, 3, 4, 5
 _STATUS = {OK: "completed", NONFINITE: "nonfinite", NOT_RADIAL: "nonpositive_radial_velocity",
            STEP_UNDERFLOW: "step_size_underflow", MAX_STEPS: "max_steps"}
 
@@ -162,15 +162,30 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
         steps=st.steps + accepted, rejected=st.rejected + (~accepted), status=status)
 
 
+def _polar_loop(problem: Problem, unravel, st: PolarState, log_t_stop, tau_stop, log_loss_stop,
+                max_steps, rtol, atol, h_max) -> PolarState:
+    """ROS2 steps until a stop condition or a failure (pure; jit and vmap freely)."""
+    def cond(s):
+        return ((s.status == OK) & (s.log_t < log_t_stop) & (s.tau < tau_stop)
+                & (s.point.log_loss > log_loss_stop) & (s.steps < max_steps))
+
+    return jax.lax.while_loop(cond, lambda s: _ros2_step(problem, unravel, s, rtol, atol, h_max),
+                              st)
+
+
+def _polar_start(problem: Problem, unravel, flat_t0, log_t0) -> PolarState:
+    rho = jnp.linalg.norm(flat_t0)
+    x0, tau0 = flat_t0 / rho, jnp.log(rho)
+    return PolarState(x0, tau0, jnp.asarray(log_t0, jnp.float64), jnp.asarray(1e-3),
+                      _field(problem, unravel, x0, tau0), jnp.asarray(0), jnp.asarray(0),
+                      jnp.asarray(OK))
+
+
 def _make_polar_advance(problem: Problem, unravel, rtol, atol, h_max):
     @jax.jit
     def advance(st: PolarState, log_t_stop, tau_stop, log_loss_stop, max_steps):
-        def cond(s):
-            return ((s.status == OK) & (s.log_t < log_t_stop) & (s.tau < tau_stop)
-                    & (s.point.log_loss > log_loss_stop) & (s.steps < max_steps))
-
-        return jax.lax.while_loop(cond, lambda s: _ros2_step(problem, unravel, s, rtol, atol,
-                                                               h_max), st)
+        return _polar_loop(problem, unravel, st, log_t_stop, tau_stop, log_loss_stop, max_steps,
+                           rtol, atol, h_max)
 
     return advance
 
@@ -205,11 +220,12 @@ def _phase1(problem, flat0, unravel, t_limit, save_t, rtol, atol, max_steps):
     def separated(t, y, args, **kwargs):
         return problem.log_loss(unravel(y)) - threshold
 
-    ts = jnp.asarray(save_t, jnp.float64)
+    saveat = (diffrax.SaveAt(t1=True) if save_t is None else
+              diffrax.SaveAt(ts=jnp.asarray(save_t, jnp.float64), t1=True))
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=0.0, t1=float(t_limit), dt0=None,
         y0=flat0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        saveat=saveat,
         event=diffrax.Event(separated, root_finder=optx.Newton(rtol=1e-12, atol=1e-12)),
         max_steps=max_steps, throw=False)
     return sol
@@ -299,20 +315,15 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     meta["log_loss_t0"] = float(problem.log_loss(unravel(flat_t0)))
 
     # ---- phase 2: log-polar time
-    rho0 = jnp.linalg.norm(flat_t0)
-    x0, tau0 = flat_t0 / rho0, jnp.log(rho0)
-    log_t0 = math.log(t0) if t0 > 0 else -math.inf
-    pt0 = _field(problem, unravel, x0, tau0)
-    if not float(pt0.s) > 0:
-        raise ValueError(f"<theta_hat, -grad L> = {float(pt0.s):.3g} <= 0 at t0 = {t0:g}; "
+    log_t0 = math.log(t0) if t0 > 0 else -math.inf  # separated at t = 0: t grows from 0
+    st = _polar_start(problem, unravel, flat_t0, log_t0)
+    tau0 = st.tau
+    if not float(st.point.s) > 0:
+        raise ValueError(f"<theta_hat, -grad L> = {float(st.point.s):.3g} <= 0 at t0 = {t0:g}; "
                          f"impossible for a homogeneous model past t0: check the model's order")
-    if log_t0 == -math.inf:  # separated at t = 0: t grows from 0
-        log_t0 = -1e300
-    st = PolarState(x0, tau0, jnp.asarray(log_t0), jnp.asarray(1e-3), pt0,
-                    jnp.asarray(0), jnp.asarray(0), jnp.asarray(OK))
     advance = _make_polar_advance(problem, unravel, polar_rtol, polar_atol, h_max)
     if log_t_max is not None:
-        lo = max(log_t0, 1e-3) if np.isfinite(log_t0) and log_t0 > -1e299 else 1e-3
+        lo = max(log_t0, 1e-3)
         marks = np.geomspace(max(lo, 1e-3), max(lt_max, lo * 1.0001), n_saves)[1:]
         key = "log_t"
     else:
@@ -359,6 +370,74 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
                 message=f"reached log t = {float(st.log_t):.6g}, tau = {float(st.tau):.6g}"
                 + (f" when the wall budget of {max_wall_s:g} s ran out" if out_of_time else ""))
     return Trajectory.from_rows(rec.rows, rec.snaps, meta)
+
+
+def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
+               t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
+               polar_rtol: float = 1e-6, polar_atol: float = 1e-6, h_max: float = 0.01,
+               max_steps: int = 100_000) -> list[Trajectory]:
+    """Gradient flow from a batch of initial parameters (leading axis) in one jitted,
+    vmapped call: phase 1 (diffrax, with its Event) and phase 2 (ROS2 in log-polar time)
+    are pure functions of one initial point, and ``jax.vmap`` batches them.
+
+    Saves the state at t0 and at the first step at or past each of ``n_saves`` log-spaced
+    values of log t in [1, log_t_max], shared by all seeds. Returns one Trajectory per
+    seed (columns as ``flow``; ``meta["status"]`` per seed). A vmapped call gives the same
+    numbers as separate calls (the test checks 1e-12).
+    """
+    leaves = jax.tree_util.tree_leaves(params0)
+    batch = leaves[0].shape[0]
+    first = jax.tree_util.tree_map(lambda p: jnp.asarray(p[0], jnp.float64), params0)
+    _, unravel = ravel_pytree(first)
+    flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(
+        jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params0))
+    marks = jnp.geomspace(1.0, max(float(log_t_max), 1.0 + 1e-9), n_saves)
+    threshold = problem.loss.log_threshold
+
+    def one(flat):
+        sol = _phase1(problem, flat, unravel, t0_limit, None, rtol, atol, max_steps)
+        already = problem.log_loss(unravel(flat)) < threshold
+        separated = already | (sol.result == diffrax.RESULTS.event_occurred)
+        t0 = jnp.where(already, 0.0, sol.ts[-1])
+        flat_t0 = jnp.where(already, flat, sol.ys[-1])
+        st = _polar_start(problem, unravel, flat_t0, jnp.log(t0))
+        st = st._replace(status=jnp.where(separated, st.status, NOT_SEPARATED))
+
+        def save(st, mark):
+            st = _polar_loop(problem, unravel, st, mark, jnp.inf, -jnp.inf, max_steps,
+                             polar_rtol, polar_atol, h_max)
+            return st, (jnp.exp(st.tau) * st.x, st.log_t, st.tau, st.steps, st.rejected,
+                        st.status)
+
+        _, saved = jax.lax.scan(save, st, marks)
+        return t0, flat_t0, sol.stats["num_accepted_steps"], saved
+
+    t0, flat_t0, p1_steps, saved = jax.jit(jax.vmap(one))(flat0)
+    diag = jax.jit(jax.vmap(diagnostics, (None, 0)))
+    out = []
+    for b in range(batch):
+        thetas = np.concatenate([np.asarray(flat_t0[b])[None], np.asarray(saved[0][b])])
+        log_t = np.concatenate([[math.log(float(t0[b])) if t0[b] > 0 else -math.inf],
+                                np.asarray(saved[1][b])])
+        tau = np.concatenate([[math.log(np.linalg.norm(thetas[0]))], np.asarray(saved[2][b])])
+        steps = np.concatenate([[0], np.asarray(saved[3][b])])
+        rejected = np.concatenate([[0], np.asarray(saved[4][b])])
+        keep = np.concatenate([[True], np.diff(steps) > 0])  # drop marks passed in one step
+        params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
+        d = diag(problem, params)
+        columns = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
+        columns.update(step=steps[keep], attempts=steps[keep] + rejected[keep],
+                       log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
+                       separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),
+                       tau=tau[keep], rejected=rejected[keep])
+        status = int(np.asarray(saved[5][b])[-1])
+        meta = {"engine": "flow_batch", "model": problem.model.name, "order": problem.order,
+                "loss": problem.loss.name, "n": problem.n, "seed_index": b,
+                "t0": float(t0[b]), "phase1": {"steps": int(p1_steps[b])},
+                "status": "not_separated" if status == NOT_SEPARATED else _STATUS[status],
+                "versions": package_versions()}
+        out.append(Trajectory(columns, jax.device_get(params), meta))
+    return out
 
 
 def euler(problem: Problem, params0, dt: float, steps: int, **kwargs) -> Trajectory:
