@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import homoflow
+from _report import RESULTS, write_report
 from homoflow import data, losses, models, schedules
 from homoflow.problem import make_problem
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=-1e5, help="log L to reach (natural log)")
     ap.add_argument("--max-steps", type=int, default=2_000_000)
     ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "descent_reach.json")
+                    default=RESULTS / "descent_reach.json")
     args = ap.parse_args(argv)
 
     X, y = data.linearly_separable(100, 10, 0)
@@ -89,15 +89,11 @@ def main(argv=None) -> int:
             print(f"log L <= {args.target:g} first recorded at iteration {reach['iterations']} "
                   f"(a {steps}-iteration run took {seconds:.1f} s)")
             break
-    report = {"steps": args.steps, "log_loss": log_loss, "wall_s": wall,
-              "attempts": int(last["attempts"]), "one_minus_beta": 1 - float(last["beta"]),
-              "best_single_step_gain": gain, "best_alpha": alpha, "target": args.target,
-              "reach": reach, "device": jax.devices()[0].device_kind,
-              "command": " ".join(["python", "benchmarks/descent_reach.py",
-                                   *(argv or sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report({"steps": args.steps, "log_loss": log_loss, "wall_s": wall,
+                  "attempts": int(last["attempts"]), "one_minus_beta": 1 - float(last["beta"]),
+                  "best_single_step_gain": gain, "best_alpha": alpha, "target": args.target,
+                  "reach": reach}, args.out, "descent_reach.py",
+                 sys.argv[1:] if argv is None else argv)
     return 0
 
 

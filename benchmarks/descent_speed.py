@@ -23,9 +23,7 @@ differences eventually flip an accept/reject decision (here after about 100 iter
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -42,6 +40,7 @@ import jax
 import numpy as np
 
 import homoflow
+from _report import RESULTS, write_report
 from homoflow import data, losses, models, schedules
 from homoflow.problem import make_problem
 
@@ -178,7 +177,7 @@ def parse_args(argv=None):
                    help="iterations per torch run (and of the agreement check)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
     p.add_argument("--out", type=Path,
-                   default=Path(__file__).resolve().parent / "results" / "descent_speed.json",
+                   default=RESULTS / "descent_speed.json",
                    help="JSON output (default: benchmarks/results/descent_speed.json)")
     return p.parse_args(argv)
 
@@ -196,13 +195,9 @@ def main(argv=None) -> int:
         results += [hf, th]
         ratios[policy] = hf["attempts_per_s"] / th["attempts_per_s"]
     print_table(results, ratios)
-    report = {"device": device.device_kind, "jax_backend": jax.default_backend(),
-              "torch_threads": torch.get_num_threads(), "results": results,
-              "ratio_loss_based": ratios["loss_based"], "ratio_constant": ratios["constant"],
-              "command": shlex.join(["python", "benchmarks/descent_speed.py", *argv])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report({"torch_threads": torch.get_num_threads(), "results": results,
+                  "ratio_loss_based": ratios["loss_based"], "ratio_constant": ratios["constant"]},
+                 args.out, "descent_speed.py", argv)
     return 0
 
 

@@ -20,7 +20,6 @@ time per decade of log t; writes ``benchmarks/results/flow_reach.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import homoflow  # noqa: F401  (float64)
+from _report import RESULTS, write_report
 from homoflow import data, losses, models
 from homoflow.flow import flow
 from homoflow.problem import make_problem
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=120.0, help="wall-clock seconds per engine")
     ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "flow_reach.json")
+                    default=RESULTS / "flow_reach.json")
     args = ap.parse_args(argv)
     problem, params0 = default_problem()
     hf = homoflow_reach(problem, params0, args.budget)
@@ -109,12 +109,8 @@ def main(argv=None) -> int:
     print(f"ratio of log t reached (homoflow / plain): {ratio:.4g}")
     for d in hf["decades"]:
         print(f"  log t in {d['decade']:>10}: {d['steps']:>7} steps, {d['wall_s']:7.2f} s")
-    report = {"budget_s": args.budget, "homoflow": hf, "plain": plain, "ratio_log_t": ratio,
-              "device": jax.devices()[0].device_kind,
-              "command": " ".join(["python", "benchmarks/flow_reach.py", *(argv or sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report({"budget_s": args.budget, "homoflow": hf, "plain": plain, "ratio_log_t": ratio},
+                 args.out, "flow_reach.py", sys.argv[1:] if argv is None else argv)
     return 0
 
 

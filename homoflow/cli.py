@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import math
 import sys
 from pathlib import Path
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import diffrax
 import jax

@@ -1,6 +1,5 @@
 import math
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
