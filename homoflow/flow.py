@@ -154,7 +154,7 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
     h_next = jnp.minimum(jnp.where(finite, h * factor, 0.25 * h), h_max)
     log_t_new = jnp.logaddexp(st.log_t, _log_integral_exp_linear(pt.phi, new_pt.phi, h))
     status = jnp.where(finite & (err <= 1.0) & (new_pt.s <= 0), NOT_RADIAL, OK)
-    status = jnp.where(h_next < 1e-14, STEP_UNDERFLOW, status)
+    status = jnp.where(h_next < 1e-14, jnp.where(finite, STEP_UNDERFLOW, NONFINITE), status)
     pick = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(accepted, u, v), a, b)
     return PolarState(
         x=jnp.where(accepted, x_new, x), tau=jnp.where(accepted, tau + h, tau),
@@ -198,12 +198,12 @@ class _Recorder:
         self.rows, self.snaps = [], []
         self._diag = jax.jit(diagnostics)
 
-    def __call__(self, params, log_t, phase, tau, steps, rejected, wall):
+    def __call__(self, params, log_t, phase, steps, rejected, wall):
         d = self._diag(self.problem, params)
         row = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
         row.update(step=int(steps), attempts=int(steps + rejected), log_T=float(log_t),
                    log_lr=math.nan, separated=bool(d.log_loss < self.problem.loss.log_threshold),
-                   phase=phase, tau=float(tau), rejected=int(rejected), wall_s=wall)
+                   phase=phase, rejected=int(rejected), wall_s=wall)
         self.rows.append(row)
         if self.snapshots:
             self.snaps.append(jax.device_get(params))
@@ -250,7 +250,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0;
     phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced values of log t between log t0 and ``log_t_max`` (or of tau when
     only ``tau_max`` is given). Columns are those of ``descent`` (``log_T`` is log t, ``step``
-    counts accepted solver steps) plus ``phase``, ``tau``, ``rejected`` and ``wall_s``.
+    counts accepted solver steps; tau is ``log_rho``) plus ``phase``, ``rejected``, ``wall_s``.
 
     Data that never separate stop at ``t0_limit`` with status "not_separated" and a
     warning. A solver failure (diffrax's result code in phase 1; step-size underflow,
@@ -275,7 +275,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     tau_stop = math.inf if tau_max is None else float(tau_max)
     ll_stop = -math.inf if log_loss_min is None else float(log_loss_min)
 
-    rec(params0, -math.inf, 1, float(jnp.log(jnp.linalg.norm(flat0))), 0, 0, 0.0)
+    rec(params0, -math.inf, 1, 0, 0, 0.0)
     log_loss0 = float(problem.log_loss(params0))
     if log_loss0 < problem.loss.log_threshold:
         t0, flat_t0, p1 = 0.0, flat0, {"steps": 0, "rejected": 0}
@@ -292,7 +292,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         ts, ys = ts[done], ys[done]
         t_end = float(ts[-1])
         for t, y in zip(ts, ys):
-            rec(unravel(jnp.asarray(y)), math.log(t), 1, math.nan, p1["steps"], p1["rejected"],
+            rec(unravel(jnp.asarray(y)), math.log(t), 1, p1["steps"], p1["rejected"],
                 time.perf_counter() - start)
         flat_t0 = jnp.asarray(ys[-1])
         meta["phase1"] = p1
@@ -344,7 +344,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         if int(st.steps) == last_steps and status == OK:
             continue  # this mark was passed by the last step already
         last_steps = int(st.steps)
-        rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2, float(st.tau),
+        rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2,
             p1["steps"] + int(st.steps), p1["rejected"] + int(st.rejected),
             time.perf_counter() - start)
         bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps))
@@ -406,8 +406,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         def save(st, mark):
             st = _polar_loop(problem, unravel, st, mark, jnp.inf, -jnp.inf, max_steps,
                              polar_rtol, polar_atol, h_max)
-            return st, (jnp.exp(st.tau) * st.x, st.log_t, st.tau, st.steps, st.rejected,
-                        st.status)
+            return st, (jnp.exp(st.tau) * st.x, st.log_t, st.steps, st.rejected, st.status)
 
         _, saved = jax.lax.scan(save, st, marks)
         return t0, flat_t0, sol.stats["num_accepted_steps"], saved
@@ -419,9 +418,8 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         thetas = np.concatenate([np.asarray(flat_t0[b])[None], np.asarray(saved[0][b])])
         log_t = np.concatenate([[math.log(float(t0[b])) if t0[b] > 0 else -math.inf],
                                 np.asarray(saved[1][b])])
-        tau = np.concatenate([[math.log(np.linalg.norm(thetas[0]))], np.asarray(saved[2][b])])
-        steps = np.concatenate([[0], np.asarray(saved[3][b])])
-        rejected = np.concatenate([[0], np.asarray(saved[4][b])])
+        steps = np.concatenate([[0], np.asarray(saved[2][b])])
+        rejected = np.concatenate([[0], np.asarray(saved[3][b])])
         keep = np.concatenate([[True], np.diff(steps) > 0])  # drop marks passed in one step
         params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
         d = diag(problem, params)
@@ -429,8 +427,8 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         columns.update(step=steps[keep], attempts=steps[keep] + rejected[keep],
                        log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
                        separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),
-                       tau=tau[keep], rejected=rejected[keep])
-        status = int(np.asarray(saved[5][b])[-1])
+                       rejected=rejected[keep])
+        status = int(np.asarray(saved[4][b])[-1])
         meta = {"engine": "flow_batch", "model": problem.model.name, "order": problem.order,
                 "loss": problem.loss.name, "n": problem.n, "seed_index": b,
                 "t0": float(t0[b]), "phase1": {"steps": int(p1_steps[b])},

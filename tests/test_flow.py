@@ -95,7 +95,7 @@ def test_smoothed_margin_never_decreases_and_lemma_c9_holds_after_t0(which, line
     prob, traj = (linear_flow[0], linear_flow[3]) if which == "linear" else deep_linear_flow
     c = traj.columns
     after = (c["phase"] == 2) & c["separated"].astype(bool)
-    g, b, tau = c["smoothed_margin"][after], c["beta"][after], c["tau"][after]
+    g, b, tau = c["smoothed_margin"][after], c["beta"][after], c["log_rho"][after]
     assert len(g) > 10
     assert np.all(g[1:] >= g[:-1] * (1 - 1e-10))
     lhs = 0.5 * ((b[1:] ** -2 - 1) + (b[:-1] ** -2 - 1)) * np.diff(tau)
