@@ -1,5 +1,7 @@
 import jax
+import numpy as np
 import pytest
+import scipy.optimize
 
 import homoflow  # noqa: F401  (switches on float64)
 from homoflow import data, losses, models
@@ -19,6 +21,24 @@ def default_problem():
     X, y = data.linearly_separable(100, 10, 0)
     model = models.mlp((10, 100, 1))
     return make_problem(model, losses.exponential(), X, y), model.init(jax.random.PRNGKey(0))
+
+
+def hard_margin_svm(X, y):
+    """min ||w||^2 / 2 s.t. y_n <w, x_n> >= 1 (no bias), an independent reference: the dual
+    min_{a >= 0} ||A^T a||^2 / 2 - sum a (A = y * X) by scipy's L-BFGS-B, then polished on
+    its support set (A_S A_S^T a_S = 1 exactly) and checked for dual and primal feasibility.
+    Returns (w, a)."""
+    A = y[:, None] * X
+    res = scipy.optimize.minimize(
+        lambda a: (0.5 * np.sum((A.T @ a) ** 2) - a.sum(), A @ (A.T @ a) - 1.0),
+        np.zeros(len(y)), jac=True, method="L-BFGS-B", bounds=[(0, None)] * len(y),
+        options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})
+    S = res.x > 1e-6 * res.x.max()
+    alpha = np.zeros(len(y))
+    alpha[S] = np.linalg.solve(A[S] @ A[S].T, np.ones(S.sum()))
+    w = A.T @ alpha
+    assert np.all(alpha[S] > 0) and (A @ w).min() > 1 - 1e-12
+    return w, alpha
 
 
 def all_models(dim=6, classes=3):

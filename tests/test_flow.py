@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.optimize
 
 import homoflow
 from homoflow import data, losses, models, schedules
 from homoflow.flow import align, flow, polar_rates
 from homoflow.problem import make_problem
+
+from conftest import hard_margin_svm
 
 
 def _linear_problem(model):
@@ -40,26 +41,10 @@ def deep_linear_flow():
     return prob, traj
 
 
-def _hard_margin_svm(X, y):
-    """min ||w||^2 / 2 s.t. y_n <w, x_n> >= 1, through its dual
-    min_{a >= 0} ||A^T a||^2 / 2 - sum a (A = y * X) solved by scipy's L-BFGS-B, an
-    independent solver; returns the unit direction after checking the KKT conditions."""
-    A = y[:, None] * X
-    res = scipy.optimize.minimize(
-        lambda a: (0.5 * np.sum((A.T @ a) ** 2) - a.sum(), A @ (A.T @ a) - 1.0),
-        np.zeros(len(y)), jac=True, method="L-BFGS-B", bounds=[(0, None)] * len(y),
-        options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})
-    # polish on the support set: A_S A_S^T a_S = 1 exactly, then check all KKT conditions
-    S = res.x > 1e-6 * res.x.max()
-    a_S = np.linalg.solve(A[S] @ A[S].T, np.ones(S.sum()))
-    w = A[S].T @ a_S
-    assert np.all(a_S > 0) and (A @ w).min() > 1 - 1e-12  # dual and primal feasibility
-    return w / np.linalg.norm(w)
-
-
 def test_linear_flow_direction_approaches_the_svm_like_one_over_log_t(linear_flow):
     prob, X, y, traj = linear_flow
-    w_svm = _hard_margin_svm(X, y)
+    w_svm, _ = hard_margin_svm(X, y)
+    w_svm = w_svm / np.linalg.norm(w_svm)
     W = traj.snapshots[0][:, :, 0]
     err = np.linalg.norm(W / np.linalg.norm(W, axis=1, keepdims=True) - w_svm, axis=1)
     log_t = traj["log_T"]

@@ -9,6 +9,8 @@ from homoflow.flow import flow
 from homoflow.kkt import constraints, kkt_residual, nnls
 from homoflow.problem import make_problem
 
+from conftest import hard_margin_svm
+
 
 def _instances(count=120, seed=0):
     rng = np.random.default_rng(seed)
@@ -40,22 +42,9 @@ def _linear_problem():
     return make_problem(models.linear(5), losses.exponential(), X, y), X, y
 
 
-def _svm_primal_dual(X, y):
-    """Hard-margin SVM through scipy (dual by L-BFGS-B, polished on its support set)."""
-    A = y[:, None] * X
-    res = scipy.optimize.minimize(
-        lambda a: (0.5 * np.sum((A.T @ a) ** 2) - a.sum(), A @ (A.T @ a) - 1.0),
-        np.zeros(len(y)), jac=True, method="L-BFGS-B", bounds=[(0, None)] * len(y),
-        options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})
-    S = res.x > 1e-6 * res.x.max()
-    alpha = np.zeros(len(y))
-    alpha[S] = np.linalg.solve(A[S] @ A[S].T, np.ones(S.sum()))
-    return A.T @ alpha, alpha
-
-
 def test_the_svm_solution_is_an_exact_kkt_point_and_a_random_direction_is_not():
     prob, X, y = _linear_problem()
-    w, alpha = _svm_primal_dual(X, y)
+    w, alpha = hard_margin_svm(X, y)
     at_svm = kkt_residual(prob, (jnp.asarray(w[:, None] * 3.7),))  # any positive scaling
     assert bool(at_svm.valid) and at_svm.eps <= 1e-10 and abs(at_svm.delta) <= 1e-10
     np.testing.assert_allclose(at_svm.lam, alpha, atol=1e-8)  # the dual multipliers
