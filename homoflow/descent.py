@@ -249,7 +249,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
 
     def record(s: DescentState):
         d = _record(problem, s.params, s.t0.log_loss, support_decades)
-        row = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
+        row = d.columns()
         row.update(step=int(s.step), attempts=int(s.attempts), log_T=float(s.log_T),
                    log_lr=float(s.log_lr),
                    separated=bool(d.log_loss < problem.loss.log_threshold))

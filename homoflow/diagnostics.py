@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .problem import Problem
 
@@ -35,6 +36,12 @@ class Diagnostics(NamedTuple):
     nu_over_loss: jax.Array       # nu / L with nu of Theorem B.4 (Appendix F for C classes)
     n_support: jax.Array          # #{n : q_n < q_min + log 10^k}
     grad_norm_log_loss: jax.Array  # ||grad log L||
+
+    def columns(self) -> dict:
+        """The Trajectory columns among these fields, as numpy arrays (all but the
+        gradient norm, which the engines use internally)."""
+        return {k: np.asarray(v) for k, v in self._asdict().items()
+                if k != "grad_norm_log_loss"}
 
 
 def _group_norms(params) -> jax.Array:

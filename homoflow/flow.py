@@ -200,7 +200,7 @@ class _Recorder:
 
     def __call__(self, params, log_t, phase, steps, rejected, wall):
         d = self._diag(self.problem, params)
-        row = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
+        row = d.columns()
         row.update(step=int(steps), attempts=int(steps + rejected), log_T=float(log_t),
                    log_lr=math.nan, separated=bool(d.log_loss < self.problem.loss.log_threshold),
                    phase=phase, rejected=int(rejected), wall_s=wall)
@@ -423,7 +423,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         keep = np.concatenate([[True], np.diff(steps) > 0])  # drop marks passed in one step
         params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
         d = diag(problem, params)
-        columns = {k: np.asarray(v) for k, v in d._asdict().items() if k != "grad_norm_log_loss"}
+        columns = d.columns()
         columns.update(step=steps[keep], attempts=steps[keep] + rejected[keep],
                        log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
                        separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),
