@@ -163,6 +163,27 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
     )
 
 
+def initial_state(problem: Problem, params0, policy: Policy, policy_state, key,
+                  batch_size: int | None, log_t0: float) -> DescentState:
+    """The loop state at iteration 0 (pure: ``homoflow.sweep`` vmaps it over parameters,
+    policy states and keys). t0 is iteration 0 if log L(params0) < ``log_t0`` already."""
+    log_loss0, grad0 = jax.value_and_grad(problem.log_loss)(params0)
+    if batch_size is not None or policy.optimizer is not None:
+        grad0 = ()
+    nan = jnp.full_like(log_loss0, jnp.nan)
+    past = log_loss0 < log_t0
+    t0 = jax.lax.cond(past, lambda: T0Info.at(log_loss0, jnp.log(global_norm(params0)),
+                                              problem.order),
+                      lambda: T0Info(nan, nan, nan))
+    return DescentState(
+        params=params0, log_loss=log_loss0, grad=grad0, min_log_loss=log_loss0,
+        step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
+        log_T=jnp.asarray(-jnp.inf), log_lr=nan, policy_state=policy_state,
+        opt_state=policy.optimizer.init(params0) if policy.optimizer is not None else (),
+        t0=t0, t0_step=jnp.where(past, 0, -1), key=key,
+        status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
+
+
 @functools.lru_cache(maxsize=64)
 def _make_advance(policy, batch_size, divergence_log_factor, log_t0_threshold):
     @jax.jit
@@ -225,23 +246,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
     key = jax.random.PRNGKey(0) if key is None else key
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
-    log_loss0, grad0 = jax.value_and_grad(problem.log_loss)(params0)
-    if batch_size is not None or policy.optimizer is not None:
-        grad0 = ()
-    if not jnp.isfinite(log_loss0):
-        raise ValueError(f"the initial loss is not finite (log L = {float(log_loss0)})")
-    nan = jnp.asarray(jnp.nan)
-    state = DescentState(
-        params=params0, log_loss=log_loss0, grad=grad0, min_log_loss=log_loss0,
-        step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
-        log_T=jnp.asarray(-jnp.inf), log_lr=nan, policy_state=policy.init(),
-        opt_state=policy.optimizer.init(params0) if policy.optimizer is not None else (),
-        t0=T0Info(nan, nan, nan), t0_step=jnp.asarray(-1), key=key,
-        status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
-    if log_loss0 < log_t0:  # already past t0 at t = 0
-        state = state._replace(t0=T0Info.at(log_loss0, jnp.log(global_norm(params0)),
-                                               problem.order),
-                               t0_step=jnp.asarray(0))
+    state = initial_state(problem, params0, policy, policy.init(), key, batch_size, log_t0)
+    if not jnp.isfinite(state.log_loss):
+        raise ValueError(f"the initial loss is not finite (log L = {float(state.log_loss)})")
 
     advance = _make_advance(policy, batch_size, math.log(divergence_factor), log_t0)
     rows, snaps = [], []

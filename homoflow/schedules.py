@@ -36,6 +36,11 @@ class T0Info(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class Policy:
+    """A step-size policy. Numeric hyperparameters live in the state ``init()`` returns,
+    not in the closures, so one compiled program serves every value and a sweep vmaps
+    over them (``homoflow.sweep``); structural choices (retrying or not, ``max_retries``,
+    C_eta given or built from constants) are static."""
+
     name: str
     init: Callable[[], Any]                      # -> policy state (a pytree)
     log_lr: Callable[[Any, jax.Array, T0Info, float], jax.Array]  # (state, log L, t0, order)
@@ -57,8 +62,16 @@ def _positive(name, value):
 def constant(lr: float) -> Policy:
     """eta(t) = lr. With a small enough lr this satisfies (S5) (Appendix E.1)."""
     log_lr = math.log(_positive("learning rate lr", lr))
-    return Policy("constant", lambda: (), lambda st, ll, t0, L: jnp.asarray(log_lr),
+    # the hyperparameter lives in the state (traced), so one compiled program serves every lr
+    return Policy("constant", lambda: jnp.asarray(log_lr), lambda st, ll, t0, L: st,
                   lambda st, ok: st, config={"lr": lr})
+
+
+class LossBasedState(NamedTuple):
+    """State of the loss-based scheduler; r_u, r_d are traced so a sweep vmaps over them."""
+    log_alpha: jax.Array
+    log_r_u: jax.Array
+    log_r_d: jax.Array
 
 
 def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 ** (1 / 10),
@@ -73,9 +86,10 @@ def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 **
     lu, ld = math.log(_positive("r_u", r_u)), math.log(_positive("r_d", r_d))
     if r_u < 1 or r_d < 1:
         raise ValueError(f"r_u and r_d must be >= 1, got r_u={r_u}, r_d={r_d}")
-    return Policy("loss_based", lambda: jnp.asarray(la0),
-                  lambda log_alpha, ll, t0, L: log_alpha - ll,
-                  lambda log_alpha, ok: jnp.where(ok, log_alpha + lu, log_alpha - ld),
+    return Policy("loss_based", lambda: LossBasedState(*map(jnp.asarray, (la0, lu, ld))),
+                  lambda st, ll, t0, L: st.log_alpha - ll,
+                  lambda st, ok: st._replace(log_alpha=jnp.where(ok, st.log_alpha + st.log_r_u,
+                                                                 st.log_alpha - st.log_r_d)),
                   retry=True, max_retries=int(max_retries),
                   config={"alpha0": alpha0, "r_u": r_u, "r_d": r_d, "max_retries": max_retries})
 
@@ -86,6 +100,14 @@ def c_eta_from_constants(B0, B1, B2, t0: T0Info, L: float):
     log_gamma_hat0 = t0.log_phi - L * t0.log_rho
     return (jnp.log(0.5 * (B1 ** 2 + jnp.exp(-L * t0.log_rho) * B2)) - 2.0 * log_gamma_hat0
             + (2.0 / L) * jnp.log(B0))
+
+
+class HBoundState(NamedTuple):
+    """Hyperparameters of ``h_bound``: log lr before t0, log fraction, and either
+    [log C_eta] or [B0, B1, B2]."""
+    log_lr_before_t0: jax.Array
+    log_fraction: jax.Array
+    c: jax.Array
 
 
 def h_bound(c_eta: float | None = None, constants: tuple | None = None,
@@ -101,21 +123,23 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
         raise ValueError("h_bound needs exactly one of c_eta or constants=(B0, B1, B2)")
     log_pre = math.log(_positive("lr_before_t0", lr_before_t0))
     log_frac = math.log(_positive("fraction", fraction))
+    # hyperparameters live in the state (traced): one compiled program serves every value
     if c_eta is not None:
-        log_c = math.log(_positive("c_eta", c_eta))
-        log_c_fn = lambda t0, L: jnp.asarray(log_c)
+        c = jnp.asarray([math.log(_positive("c_eta", c_eta))])
+        log_c_fn = lambda c, t0, L: c[0]
     else:
-        B0, B1, B2 = (_positive(n, v) for n, v in zip(("B0", "B1", "B2"), constants))
-        log_c_fn = lambda t0, L: c_eta_from_constants(B0, B1, B2, t0, L)
+        c = jnp.asarray([_positive(n, v) for n, v in zip(("B0", "B1", "B2"), constants)])
+        log_c_fn = lambda c, t0, L: c_eta_from_constants(c[0], c[1], c[2], t0, L)
 
     def log_lr(state, log_loss, t0, L):
         after = jnp.isfinite(t0.log_loss)
         s0 = jnp.where(after, -t0.log_loss, 1.0)
         s = jnp.maximum(-log_loss, s0)  # H is defined for L <= L(t0)
-        log_h = log_h_bound(s, s0, log_c_fn(t0, L), L) + log_frac
-        return jnp.where(after, log_h, log_pre)
+        log_h = log_h_bound(s, s0, log_c_fn(state.c, t0, L), L) + state.log_fraction
+        return jnp.where(after, log_h, state.log_lr_before_t0)
 
-    return Policy("h_bound", lambda: (), log_lr, lambda st, ok: st,
+    init = lambda: HBoundState(jnp.asarray(log_pre), jnp.asarray(log_frac), c)
+    return Policy("h_bound", init, log_lr, lambda st, ok: st,
                   config={"c_eta": c_eta, "constants": constants,
                           "lr_before_t0": lr_before_t0, "fraction": fraction})
 
