@@ -108,8 +108,13 @@ def _verdict(policy: Policy, divergence_log_factor, s: DescentState, new_log_los
 
 
 def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_threshold,
-             s: DescentState):
-    """One attempt at an iteration; returns the next state."""
+             s: DescentState, update_t0: bool = True):
+    """One attempt at an iteration; returns the next state.
+
+    ``update_t0=False`` leaves ``t0`` for the caller to fill in at the crossing (t0_step is
+    set as usual): under ``vmap`` the ``lax.cond`` below turns into a select that would
+    evaluate phi(L(t0)) at every step, so ``homoflow.sweep`` evaluates it once per crossing.
+    """
     # only SGD draws random batches; threefry costs ~1 us, so GD leaves the key alone
     key, sub = jax.random.split(s.key) if batch_size is not None else (s.key, s.key)
     new_params, log_lr, n_updates, opt_state = _propose(problem, policy, batch_size, s, sub)
@@ -155,7 +160,7 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
         # also measured faster here than selecting with jnp.where)
         t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, 0.5 * jnp.log(sq_norm),
                                                    problem.order),
-                        lambda: s.t0),
+                        lambda: s.t0) if update_t0 else s.t0,
         t0_step=jnp.where(crossed, step, s.t0_step),
         key=key,
         status=status,
