@@ -128,7 +128,12 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
         c = jnp.asarray([math.log(_positive("c_eta", c_eta))])
         log_c_fn = lambda c, t0, L: c[0]
     else:
-        c = jnp.asarray([_positive(n, v) for n, v in zip(("B0", "B1", "B2"), constants)])
+        if len(constants) != 3 or not (math.isfinite(float(constants[2]))
+                                       and float(constants[2]) >= 0):
+            raise ValueError(f"constants must be (B0, B1, B2) with B2 >= 0 (0 for a linear "
+                             f"model), got {constants}")
+        c = jnp.asarray([_positive("B0", constants[0]), _positive("B1", constants[1]),
+                         float(constants[2])])
         log_c_fn = lambda c, t0, L: c_eta_from_constants(c[0], c[1], c[2], t0, L)
 
     def log_lr(state, log_loss, t0, L):
