@@ -38,6 +38,9 @@ class Model:
     layer_orders: tuple[float, ...]
     n_outputs: int = 1
     config: dict = field(default_factory=dict, compare=False)
+    # False for a comparison model that is *not* homogeneous (e.g. a CNN with every bias);
+    # ``order`` is then only nominal and ``make_problem`` refuses it unless told otherwise
+    homogeneous: bool = True
 
     def __post_init__(self):
         if not self.order > 0:
@@ -181,68 +184,85 @@ def diagonal_linear(dim: int, depth: int) -> Model:
                  {"dim": dim, "depth": depth})
 
 
-def _conv(h, W):
-    return jax.lax.conv_general_dilated(h, W, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _max_pool(h, p):
-    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, p, p, 1), (1, p, p, 1), "VALID")
-
-
-def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel: int = 3,
+def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
         pool: int = 2, hidden: int = 32, n_outputs: int = 1, bias_first: bool = False,
-        activation="relu") -> Model:
+        activation="relu", all_biases: bool = False) -> Model:
     """Bias-free CNN: [conv -> act -> max-pool] * len(channels) -> dense -> act -> dense.
 
     ``bias_first=True`` adds a bias to the first convolution only (the paper's "CNN
     without bias", Appendix J): the bias belongs to the first parameter group, so the
     model stays homogeneous in its parameters. Every group is 1-homogeneous for ReLU
     (max-pooling is 1-homogeneous), so L = number of weight layers.
+
+    ``kernel`` is one size for every convolution or one per convolution (Appendix J uses
+    5 x 5 then 3 x 3). ``input_shape=(W,)`` gives a 1-D CNN (e.g. for MNIST-1D).
+    ``all_biases=True`` gives every layer a bias (the paper's "CNN with bias", for
+    comparison): that model is *not* homogeneous, is marked ``homogeneous=False``, and its
+    ``order`` (the number of layers) holds only at zero biases. Weights are He-normal,
+    biases start at zero.
     """
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 2:
-        shape = shape + (1,)
-    if len(shape) != 3:
-        raise ValueError(f"cnn input_shape must be (H, W) or (H, W, C), got {tuple(input_shape)}")
+    if len(shape) in (1, 2):
+        shape = shape + (1,)  # (W,) sequence or (H, W) image, one channel
+    if len(shape) != 3 and not (len(input_shape) == 1 and len(shape) == 2):
+        raise ValueError(f"cnn input_shape must be (W,), (H, W) or (H, W, C), got "
+                         f"{tuple(input_shape)}")
+    dims = len(shape) - 1
     act = _as_activation(activation)
     if act.degree != 1.0:
         raise ValueError(f"cnn supports degree-1 activations (relu, leaky_relu), got {act.name}")
-    H, W_, cin = shape
+    kernels = (int(kernel),) * len(channels) if isinstance(kernel, int) else tuple(kernel)
+    if len(kernels) != len(channels) or min(kernels) < 1:
+        raise ValueError(f"cnn: kernel must be a positive size or one per convolution "
+                         f"({len(channels)}), got {kernel}")
+    spatial, cin = list(shape[:-1]), shape[-1]
     for _ in channels:
-        H, W_ = H // pool, W_ // pool
-    if H < 1 or W_ < 1:
+        spatial = [s // pool for s in spatial]
+    if min(spatial) < 1:
         raise ValueError(f"input {shape} is too small for {len(channels)} pooling layers of {pool}")
-    flat = H * W_ * channels[-1]
+    flat = int(np.prod(spatial)) * channels[-1]
     n_groups = len(channels) + 2
     orders = (1.0,) * n_groups
+    spec = ("NHWC", "HWIO", "NHWC") if dims == 2 else ("NWC", "WIO", "NWC")
+    window = (1,) + (pool,) * dims + (1,)
+
+    def conv(h, W):
+        return jax.lax.conv_general_dilated(h, W, (1,) * dims, "SAME", dimension_numbers=spec)
+
+    def max_pool(h):
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, window, window, "VALID")
 
     def init(key):
         keys = jax.random.split(key, n_groups)
         groups, c_prev = [], cin
-        for k, c in zip(keys, channels):
-            fan_in = kernel * kernel * c_prev
-            shape = (kernel, kernel, c_prev, c)
-            groups.append(math.sqrt(2.0 / fan_in) * jax.random.normal(k, shape))
+        for k, c, ks in zip(keys, channels, kernels):
+            fan_in = ks ** dims * c_prev
+            groups.append(math.sqrt(2.0 / fan_in)
+                          * jax.random.normal(k, (ks,) * dims + (c_prev, c)))
             c_prev = c
         groups.append(math.sqrt(2.0 / flat) * jax.random.normal(keys[-2], (flat, hidden)))
         groups.append(math.sqrt(2.0 / hidden) * jax.random.normal(keys[-1], (hidden, n_outputs)))
-        if bias_first:
-            groups[0] = {"w": groups[0], "b": jnp.zeros((channels[0],))}
+        with_bias = range(n_groups) if all_biases else (0,) if bias_first else ()
+        for i in with_bias:
+            groups[i] = {"w": groups[i], "b": jnp.zeros(groups[i].shape[-1])}
         return tuple(groups)
+
+    def layer(g, h, op):
+        return op(h, g["w"]) + g["b"] if isinstance(g, dict) else op(h, g)
 
     def apply(params, X):
         h = X.reshape((X.shape[0],) + shape)
         for i in range(len(channels)):
-            g = params[i]
-            h = _conv(h, g["w"]) + g["b"] if isinstance(g, dict) else _conv(h, g)
-            h = _max_pool(act.fn(h), pool)
-        h = act.fn(h.reshape(h.shape[0], -1) @ params[-2])
-        return _squeeze_binary(h @ params[-1], n_outputs)
+            h = max_pool(act.fn(layer(params[i], h, conv)))
+        h = act.fn(layer(params[-2], h.reshape(h.shape[0], -1), jnp.matmul))
+        return _squeeze_binary(layer(params[-1], h, jnp.matmul), n_outputs)
 
-    return Model("cnn", init, apply, float(n_groups), orders, n_outputs,
-                 {"input_shape": shape, "channels": tuple(channels), "kernel": kernel,
-                  "pool": pool, "hidden": hidden, "bias_first": bias_first})
+    return Model("cnn_all_biases" if all_biases else "cnn", init, apply, float(n_groups),
+                 orders, n_outputs,
+                 {"input_shape": shape, "channels": tuple(channels), "kernel": kernels,
+                  "pool": pool, "hidden": hidden, "bias_first": bias_first or all_biases,
+                  "all_biases": all_biases},
+                 homogeneous=not all_biases)
 
 
 def mexican_hat_params(r: float = 0.5) -> Params:

@@ -68,13 +68,21 @@ class Problem(eqx.Module):
 
 
 def make_problem(model: Model, loss: Loss, X, y, *, check: bool = True,
-                 key: jax.Array | None = None) -> Problem:
+                 key: jax.Array | None = None, allow_nonhomogeneous: bool = False) -> Problem:
     """Validate the data and the model's declared order, then build a Problem.
 
     Raises ``ValueError`` naming the bad value: label values or shapes, NaN/inf in X, a
     model output shape that does not fit the labels, or (with ``check``) a declared
     order that ``check_homogeneity`` refutes on parameters from ``model.init``.
+
+    A model marked ``homogeneous=False`` (a comparison model such as the CNN with every
+    bias) is refused unless ``allow_nonhomogeneous=True``; the Problem then trains it, but
+    no margin theorem applies to it (``problem.model.homogeneous`` says so) and its
+    order is not checked.
     """
+    if not model.homogeneous and not allow_nonhomogeneous:
+        raise ValueError(f"model {model.name!r} is not homogeneous, so no margin theory "
+                         f"applies; pass allow_nonhomogeneous=True to train it anyway")
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim < 2:
@@ -123,6 +131,6 @@ def make_problem(model: Model, loss: Loss, X, y, *, check: bool = True,
     if out.shape != expected:
         raise ValueError(f"model {model.name!r} returns shape {out.shape} on {k} inputs of shape "
                          f"{X.shape[1:]}; expected {expected}")
-    if check:
+    if check and model.homogeneous:
         check_homogeneity(model, params, X_arr[: min(64, X.shape[0])])
     return Problem(X_arr, y_arr, model, loss)
