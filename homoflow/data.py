@@ -1,6 +1,11 @@
-"""Data sets generated on the spot (no downloads)."""
+"""Data sets: synthetic ones generated on the spot, and real ones read from files that ship
+with installed packages (no downloads at run time)."""
 
 from __future__ import annotations
+
+import functools
+import random
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,3 +42,124 @@ def gaussian_classes(n: int = 100, dim: int = 10, n_classes: int = 3, seed: int 
 
 
 DATASETS = {"separable": linearly_separable, "gaussian_classes": gaussian_classes}
+
+
+# ---------------------------------------------------------------------------------------
+# Real data (Appendix J analogs), loaded from files that ship with installed packages
+
+
+class Split(NamedTuple):
+    """A fixed train/test split; ``classes`` are the original labels of 0..C-1 (or of -1, +1)."""
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple
+
+
+def _check_classes(classes, available: int, name: str) -> tuple:
+    if classes is None:
+        return tuple(range(available))
+    classes = tuple(int(c) for c in classes)
+    bad = [c for c in classes if not 0 <= c < available]
+    if bad:
+        raise ValueError(f"{name} has classes 0..{available - 1}; cannot select {bad}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"{name}: classes must be distinct, got {classes}")
+    if len(classes) < 2:
+        raise ValueError(f"{name}: a classification subset needs >= 2 classes, got {classes}")
+    return classes
+
+
+def _split(X, y, classes, test_fraction, seed, binary) -> Split:
+    """Keep ``classes``, relabel them 0..C-1 (or -1/+1 when ``binary``), then split by one
+    fixed permutation (seed ``seed``) that is stratified per class."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if binary and len(classes) != 2:
+        raise ValueError(f"binary=True needs exactly 2 classes, got {classes}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(test_fraction * len(idx)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train, test = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+    relabel = np.full(int(y.max()) + 1, -1)
+    relabel[list(classes)] = np.arange(len(classes))
+    new_y = relabel[y]
+    if binary:
+        new_y = 2.0 * new_y - 1.0
+    return Split(X[train], new_y[train], X[test], new_y[test], tuple(classes))
+
+
+def digits(classes=None, test_fraction: float = 0.25, seed: int = 0,
+           binary: bool = False) -> Split:
+    """scikit-learn's bundled handwritten digits (1 797 images of 8 x 8, 10 classes; read
+    from a file inside scikit-learn, no download). Pixels (0..16) are divided by 16 so that
+    images lie in [0, 1]^{8x8}, as the paper divides MNIST by 255 (Appendix J).
+
+    Returns a ``Split`` with X of shape (N, 8, 8, 1). ``classes`` keeps a subset (e.g.
+    ``(0, 1)``), relabelled 0..C-1 in the order given; ``binary=True`` (two classes)
+    labels them -1, +1 for binary models.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+    X, y = load_digits(return_X_y=True)
+    classes = _check_classes(classes, 10, "digits")
+    keep = np.isin(y, classes)
+    X = (X[keep] / 16.0).reshape(-1, 8, 8, 1)
+    return _split(X, y[keep], classes, test_fraction, seed, binary)
+
+
+def mnist1d(classes=None, binary: bool = False) -> Split:
+    """MNIST-1D (Greydanus, 2020): 5 000 sequences of length 40, 10 classes, regenerated
+    offline by the ``mnist1d`` package's own templates and procedure
+    (``mnist1d.data.make_dataset`` with its published arguments, seed 42), not downloaded.
+
+    The split is the published one (first 4 000 train, last 1 000 test); values keep the
+    published standardization (mean 0, std 1 over the whole set). X has shape (N, 40).
+    """
+    classes = _check_classes(classes, 10, "mnist1d")
+    ds = _mnist1d_published()
+    def pick(X, y):
+        keep = np.isin(y, classes)
+        relabel = np.full(10, -1)
+        relabel[list(classes)] = np.arange(len(classes))
+        new_y = relabel[y[keep]]
+        return X[keep], (2.0 * new_y - 1.0) if binary else new_y
+    if binary and len(classes) != 2:
+        raise ValueError(f"binary=True needs exactly 2 classes, got {classes}")
+    Xtr, ytr = pick(ds["x"], ds["y"])
+    Xte, yte = pick(ds["x_test"], ds["y_test"])
+    return Split(Xtr, ytr, Xte, yte, tuple(classes))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_published() -> dict:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:  # pragma: no cover - mnist1d is a dependency
+        raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d") from e
+    # make_dataset seeds numpy's and Python's global generators; restore them afterwards
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        ds = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {k: np.asarray(ds[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+REAL_DATASETS = {"digits": digits, "mnist1d": mnist1d}
+
+
+def load(name: str, **kwargs) -> Split:
+    """A real data set by name (``digits``, ``mnist1d``) as a ``Split``."""
+    if name not in REAL_DATASETS:
+        raise ValueError(f"unknown data set {name!r}; real data sets: {sorted(REAL_DATASETS)}, "
+                         f"synthetic generators: {sorted(DATASETS)}")
+    return REAL_DATASETS[name](**kwargs)
