@@ -222,7 +222,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             batch_size: int | None = None, key=None, n_records: int = 200,
             chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
             support_decades: float = 3.0, snapshots: bool = True,
-            t0_log_loss: float | None = None, config: dict | None = None) -> Trajectory:
+            t0_log_loss: float | None = None, config: dict | None = None,
+            record_at=None, on_record=None) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -238,6 +239,12 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     the H(L) bound are built on L(t0) (Appendix E). Any t0 after separation is valid for
     Theorem E.2, and a later one (e.g. ``t0_log_loss=-5``) gives a far less pessimistic
     C_eta than L(t0) ~ 1, where gamma_hat(t0) ~ exp(-2 / log(1/L(t0))).
+
+    ``record_at`` (increasing iterations in 1..steps) replaces the log-spaced grid, e.g.
+    ``range(1, steps + 1)`` records every epoch. ``on_record(step, params, row)`` is called
+    after each recorded row, with the parameters of that iteration: a hook for quantities
+    the engine does not know (test accuracy, checkpoints) that needs no snapshots. If it
+    returns True the run ends there, completed (``meta["stopped_by_hook"]`` is the step).
     """
     if batch_size is not None:
         if not 1 <= int(batch_size) <= problem.n:
@@ -266,11 +273,14 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                    log_lr=float(s.log_lr),
                    separated=bool(d.log_loss < problem.loss.log_threshold))
         rows.append(row)
+        stop = on_record is not None and bool(on_record(int(s.step), s.params, row))
         if snapshots:
             snaps.append(jax.device_get(s.params))
+        return stop
 
+    hook_stop = None
     record(state)
-    grid = record_grid(steps, n_records)
+    grid = record_grid(steps, n_records) if record_at is None else _checked_grid(record_at, steps)
     bar = tqdm(total=steps, disable=not progress, unit="it", leave=False, mininterval=0.5)
     for target in grid[1:]:
         while int(state.step) < target and int(state.status) == OK:
@@ -281,7 +291,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             bar.set_postfix(log10_loss=f"{float(state.log_loss) / math.log(10):.4g}")
         if int(state.status) != OK:
             break
-        record(state)
+        if record(state):
+            hook_stop = int(state.step)
+            break
     bar.close()
 
     status = _STATUS[int(state.status)]
@@ -314,11 +326,23 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                    f"so no margin claim applies to this run")
         warnings.warn(message, stacklevel=2)
     else:
-        message = f"completed {steps} iterations; t0 at iteration {meta['t0_step']}"
+        done = steps if hook_stop is None else hook_stop
+        message = f"completed {done} iterations; t0 at iteration {meta['t0_step']}"
+        if hook_stop is not None:
+            message += " (on_record ended the run)"
+            meta["stopped_by_hook"] = hook_stop
         if meta["t0_step"] is None:
             message += f" (log L never fell below t0_log_loss = {log_t0:.6g})"
     meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
     return Trajectory.from_rows(rows, snaps, meta)
+
+
+def _checked_grid(record_at, steps: int) -> np.ndarray:
+    grid = np.asarray(record_at, np.int64).ravel()
+    if grid.size == 0 or grid[0] < 1 or grid[-1] > steps or np.any(np.diff(grid) <= 0):
+        raise ValueError(f"record_at must be increasing iterations in 1..steps = {steps}, "
+                         f"got {grid[:5].tolist()}...{grid[-3:].tolist()}")
+    return np.concatenate([[0], grid])
 
 
 def _stop_message(code, bad_step, state, policy, divergence_factor):
