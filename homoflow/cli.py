@@ -165,7 +165,89 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directory (default: a fresh directory under runs/)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(func=_run)
+    _add_sweep_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------------------------------
+# homoflow sweep
+
+_SWEEP_AXES = {  # option -> (type, help); every option takes one or more values
+    "engine": (str, "descent or flow"), "model": (str, "mlp, deep_linear, diagonal_linear, linear"),
+    "activation": (str, "mlp activation: relu or quadratic"), "depth": (int, "weight layers"),
+    "width": (int, "hidden width"), "loss": (str, "exponential, logistic, cross_entropy"),
+    "data": (str, "separable or gaussian_classes"), "n": (int, "data points"),
+    "dim": (int, "input dimension"), "classes": (int, "classes of gaussian_classes"),
+    "data_seed": (int, "seed of the data (vmapped)"),
+    "seed": (int, "seed of the initialization (vmapped)"),
+    "policy": (str, "constant, loss_based or h_bound"),
+    "lr": (float, "constant step; h_bound: step before t0 (vmapped)"),
+    "alpha0": (float, "loss_based initial alpha (vmapped)"),
+    "r_u": (float, "loss_based growth factor (vmapped)"),
+    "r_d": (float, "loss_based back-off factor (vmapped)"),
+    "c_eta": (str, "h_bound C_eta, or 'estimate' for sampled B0, B1, B2 (vmapped)"),
+    "fraction": (float, "h_bound: eta = fraction * H(L) (vmapped)"),
+    "steps": (int, "descent iterations"), "n_records": (int, "recorded points per run"),
+    "log_t_max": (float, "flow: stop at this log t"), "n_saves": (int, "flow: saved points"),
+}
+
+
+def _add_sweep_parser(sub):
+    sw = sub.add_parser(
+        "sweep", help="run a grid of configurations (vmapped, sharded over all devices)",
+        description="Run every configuration of a grid and write one tidy table "
+                    "(table.npz, table.csv, sweep.json) to --out. The grid comes from a TOML "
+                    "file (--grid; keys as in homoflow.sweep.DEFAULTS, a list is an axis) and "
+                    "from the options below, which override it; each option takes one or "
+                    "more values. Step sizes, policy parameters and seeds are vmapped; depth, "
+                    "width, model and loss loop over compiled programs. Started again with "
+                    "the same --out, an interrupted sweep computes only what is missing.")
+    sw.add_argument("--grid", default=None, help="TOML file with the grid")
+    for name, (typ, hlp) in _SWEEP_AXES.items():
+        sw.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, nargs="+",
+                        default=None, help=hlp)
+    sw.add_argument("--out", default=None,
+                    help="output directory (default: a fresh directory under runs/)")
+    sw.add_argument("--max-batch", type=int, default=4096,
+                    help="at most this many configurations per compiled call")
+    sw.add_argument("--devices", type=int, default=None,
+                    help="use the first N devices (default: all)")
+    sw.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() first (multi-node)")
+    sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sw.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    import tomllib
+
+    from . import sweep as sweep_mod
+
+    if args.distributed:
+        jax.distributed.initialize()
+    grid = {}
+    if args.grid:
+        with open(args.grid, "rb") as fh:
+            grid.update(tomllib.load(fh))
+    for name in _SWEEP_AXES:
+        values = getattr(args, name)
+        if values is not None:
+            if name == "c_eta":
+                values = [v if v == "estimate" else float(v) for v in values]
+            grid[name] = values if len(values) > 1 else values[0]
+    out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
+        "sweep-%Y%m%d-%H%M%S-%f")
+    devices = None if args.devices is None else jax.devices()[: args.devices]
+    table = sweep_mod.sweep(grid, out=out, devices=devices, max_batch=args.max_batch,
+                            progress=not args.no_progress)
+    print(f"homoflow sweep: {table.meta['n_configs']} configurations "
+          f"({len(table.meta['computed'])} computed, {len(table.meta['reused'])} reused) on "
+          f"{table.meta['devices']} device(s), {len(table)} rows in "
+          f"{table.meta['wall_time_s']:.1f} s")
+    for status in sorted(set(table.meta["statuses"])):
+        print(f"  {status}: {table.meta['statuses'].count(status)}")
+    print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/)")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,687 @@
+"""Sweeps: a grid of configurations run as few compiled programs as possible.
+
+A grid is a dict whose values are either one value or a list of values (an *axis*); the
+configurations are the Cartesian product of the axes. Axes that keep every array shape —
+the seed of the initialization, the seed of the data, and the step-size policy's numeric
+hyperparameters (``lr``, ``alpha0``, ``r_u``, ``r_d``, ``c_eta``, ``fraction``) — are
+*vmapped*: one compiled program per model shape runs all of them at once. Axes that change
+shapes or code (``depth``, ``width``, ``model``, ``loss``, ``policy``, ``engine``, ``n``,
+``dim``, ...) loop over compiled programs.
+
+The vmapped axis is sharded over every device of the run (``jax.sharding``: a 1-D device
+mesh with axis ``"configs"``, named shardings on the inputs and ``jax.shard_map`` for the
+loop, so each device runs its own ``while_loop`` over its configurations without talking
+to the others). Across nodes call ``jax.distributed.initialize()`` first: ``jax.devices()``
+is then the devices of every process, each process computes its share of the batch, and
+process 0 writes the results.
+
+With ``out=DIR`` the sweep is resumable: ``DIR/manifest.json`` lists the grid's
+configurations and each finished configuration is written to ``DIR/configs/NNNNNN.npz``
+(write to a temporary file, then an atomic rename); started again with the same ``DIR``
+and grid, the sweep computes only the configurations without a file.
+
+Descent reuses the engine's own step (``descent._attempt``) and initial state
+(``descent.initial_state``); gradient flow runs through ``flow.flow_batch`` (vmapped over
+the initialization seeds). Results come back as one tidy ``SweepTable``: one row per
+configuration x recorded point, with the configuration's columns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import losses, models, schedules
+from .descent import OK, _STATUS, _attempt, initial_state, record_grid
+from .diagnostics import diagnostics, tree_dot
+from .flow import flow_batch
+from .models import HomogeneityError
+from .problem import Problem, make_problem
+from .schedules import T0Info
+from .trajectory import package_versions
+
+# every key a grid may hold, with its default
+DEFAULTS: dict[str, Any] = {
+    "engine": "descent",          # "descent" | "flow"
+    "model": "mlp",               # mlp | deep_linear | diagonal_linear | linear | a callable
+    "activation": "relu",         # mlp only: relu | quadratic
+    "depth": 2,                   # number of weight layers (L for ReLU / linear layers)
+    "width": 16,                  # hidden width
+    "loss": "exponential",        # exponential | logistic | cross_entropy
+    "data": "separable",          # separable | gaussian_classes | a callable (n, dim, seed)
+    "n": 32, "dim": 5, "classes": 3,
+    "data_seed": 0,               # vmapped
+    "seed": 0,                    # vmapped: seed of the initialization
+    "policy": "constant",         # constant | loss_based | h_bound
+    "lr": 0.1,                    # vmapped: constant step; h_bound: the step before t0
+    "alpha0": 0.1, "r_u": 2 ** (1 / 5), "r_d": 2 ** (1 / 10),    # vmapped: loss_based
+    "c_eta": "estimate", "fraction": 1.0,   # vmapped: h_bound (c_eta "estimate": sampled B's)
+    "max_retries": 1000,
+    "steps": 1000, "n_records": 50, "chunk": 20_000, "divergence_factor": 1e4,
+    "t0_log_loss": None,
+    "log_t_max": 20.0, "n_saves": 50, "h_max": 0.01, "max_steps": 100_000,   # flow
+}
+VMAPPED = ("seed", "data_seed", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction")
+POLICY_KEYS = {"constant": ("lr",), "loss_based": ("alpha0", "r_u", "r_d"),
+               "h_bound": ("lr", "c_eta", "fraction")}
+_AXIS = "configs"
+_SCALAR_SKIP = ("margins", "rho_layers")
+
+
+class SweepInterrupted(RuntimeError):
+    """Raised by an ``on_config`` callback (or anything else) to stop a sweep; what was
+    written to ``out`` stays and a later call with the same ``out`` resumes."""
+
+
+# ---------------------------------------------------------------------------------------
+# the grid
+
+
+def expand(grid: dict) -> list[dict]:
+    """The configurations of ``grid`` (every key filled in from ``DEFAULTS``), in a fixed
+    order: the product of the list-valued axes, first axis slowest."""
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError("the grid is empty: give at least one axis, e.g. {'depth': [1, 2]}")
+    unknown = sorted(set(grid) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown grid keys {unknown}; known: {sorted(DEFAULTS)}")
+    axes = {}
+    for k in DEFAULTS:
+        v = grid.get(k, DEFAULTS[k])
+        v = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+        if not v:
+            raise ValueError(f"grid axis {k!r} is an empty list: the grid has no configurations")
+        axes[k] = v
+    configs = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    for c in configs:
+        _check_policy_axes(c, {k for k, v in axes.items() if len(v) > 1})
+    return configs
+
+
+def _check_policy_axes(c: dict, swept: set):
+    used = set(POLICY_KEYS.get(c["policy"], ())) if c["engine"] == "descent" else set()
+    unused = sorted((swept & set(VMAPPED[2:])) - used)
+    if unused:
+        what = f"policy {c['policy']!r}" if c["engine"] == "descent" else "the flow engine"
+        raise ValueError(f"grid axes {unused} are swept but {what} does not use them")
+
+
+def _static_key(c: dict) -> tuple:
+    # a given C_eta and one built from estimated constants are different programs
+    return tuple((k, _name(v)) for k, v in c.items() if k not in VMAPPED) + (
+        ("c_eta_estimated", c["c_eta"] == "estimate"),)
+
+
+def _name(v):
+    return getattr(v, "__name__", v) if callable(v) else v
+
+
+_MODELS: dict = {}   # one Model / Loss object per description: jit caches key on identity
+_LOSSES: dict = {}
+
+
+def _model(c: dict):
+    key = tuple(_name(c[k]) for k in ("model", "activation", "depth", "width", "dim", "data",
+                                      "classes")) + (c["model"] if callable(c["model"]) else None,)
+    if key not in _MODELS:
+        _MODELS[key] = _build_model(c)
+    return _MODELS[key]
+
+
+def _loss(name: str):
+    if name not in _LOSSES:
+        _LOSSES[name] = losses.get_loss(name)
+    return _LOSSES[name]
+
+
+def _build_model(c: dict):
+    depth, width, dim = int(c["depth"]), int(c["width"]), int(c["dim"])
+    n_out = int(c["classes"]) if c["data"] == "gaussian_classes" else 1
+    if callable(c["model"]):
+        return c["model"](depth=depth, width=width, dim=dim, n_outputs=n_out)
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    widths = (dim,) + (width,) * (depth - 1) + (n_out,)
+    if c["model"] == "mlp":
+        return models.mlp(widths, c["activation"])
+    if c["model"] == "deep_linear":
+        return models.deep_linear(widths)
+    if c["model"] == "diagonal_linear":
+        return models.diagonal_linear(dim, depth)
+    if c["model"] == "linear":
+        if depth != 1:
+            raise ValueError(f"model 'linear' has depth 1, got depth {depth}")
+        return models.linear(dim, n_out)
+    raise ValueError(f"unknown model {c['model']!r}; use mlp, deep_linear, diagonal_linear, "
+                     f"linear or a callable (depth, width, dim, n_outputs) -> Model")
+
+
+def _data(c: dict, data_seed: int):
+    if callable(c["data"]):  # a binary data set of your own: (n, dim, seed) -> (X, y)
+        return c["data"](n=int(c["n"]), dim=int(c["dim"]), seed=int(data_seed))
+    if c["data"] == "separable":
+        return data_mod.linearly_separable(int(c["n"]), int(c["dim"]), int(data_seed))
+    if c["data"] == "gaussian_classes":
+        return data_mod.gaussian_classes(int(c["n"]), int(c["dim"]), int(c["classes"]),
+                                         int(data_seed))
+    raise ValueError(f"unknown data {c['data']!r}; use separable or gaussian_classes")
+
+
+def _policy(c: dict, problem: Problem):
+    """The configuration's policy (validates its hyperparameters eagerly)."""
+    name = c["policy"]
+    if name == "constant":
+        return schedules.constant(c["lr"])
+    if name == "loss_based":
+        return schedules.loss_based(c["alpha0"], c["r_u"], c["r_d"], int(c["max_retries"]))
+    if name == "h_bound":
+        if c["c_eta"] == "estimate":
+            est = _estimate(problem)
+            return schedules.h_bound(constants=(est["B0"], est["B1"], est["B2"]),
+                                     lr_before_t0=c["lr"], fraction=c["fraction"])
+        return schedules.h_bound(c_eta=c["c_eta"], lr_before_t0=c["lr"], fraction=c["fraction"])
+    raise ValueError(f"unknown policy {name!r}; use one of {sorted(POLICY_KEYS)}")
+
+
+_ESTIMATES: dict = {}
+
+
+def _estimate(problem: Problem) -> dict:
+    key = id(problem)
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = (problem, schedules.estimate_smoothness_constants(
+            problem, jax.random.PRNGKey(0)))
+    return _ESTIMATES[key][1]
+
+
+@dataclass
+class _Group:
+    """Configurations that share one compiled program."""
+    static: dict
+    model: Any
+    problems: dict                 # data_seed -> Problem
+    ids: list = field(default_factory=list)
+    key: tuple = ()
+
+
+def plan(configs: list[dict]) -> list[_Group]:
+    """Build every model, data set, problem and policy of the grid, so that bad input (an
+    unknown name, a non-positive step size, a declared order that the homogeneity check
+    refutes) raises before any compute starts."""
+    groups: dict[tuple, _Group] = {}
+    for i, c in enumerate(configs):
+        if c["engine"] not in ("descent", "flow"):
+            raise ValueError(f"unknown engine {c['engine']!r}; use descent or flow")
+        key = _static_key(c)
+        if key not in groups:
+            model = _model(c)
+            groups[key] = _Group({k: c[k] for k in c if k not in VMAPPED}, model, {}, key=key)
+        g = groups[key]
+        ds = int(c["data_seed"])
+        if ds not in g.problems:
+            X, y = _data(c, ds)
+            try:
+                g.problems[ds] = make_problem(g.model, _loss(c["loss"]), X, y)
+            except HomogeneityError as e:
+                raise HomogeneityError(f"configuration {i} (model {_name(c['model'])!r}, "
+                                       f"depth {c['depth']}, width {c['width']}): {e}") from e
+        if c["engine"] == "descent":
+            try:
+                _policy(c, g.problems[ds])
+            except ValueError as e:
+                raise ValueError(f"configuration {i} ({_describe(c)}): {e}") from e
+        g.ids.append(i)
+    return list(groups.values())
+
+
+def _describe(c: dict) -> str:
+    keys = ("engine", "model", "depth", "loss", "policy", *POLICY_KEYS.get(c["policy"], ()),
+            "seed")
+    return ", ".join(f"{k}={_name(c[k])}" for k in keys)
+
+
+# ---------------------------------------------------------------------------------------
+# devices
+
+
+def _mesh(devices) -> Mesh:
+    devs = jax.devices() if devices is None else list(devices)
+    if not devs:
+        raise ValueError("devices is empty")
+    return Mesh(np.asarray(devs), (_AXIS,))
+
+
+def _put(tree, mesh: Mesh):
+    """Host arrays with a leading config axis -> global arrays sharded along it (works for
+    one process and for several, since every process holds the whole host batch)."""
+    sharding = NamedSharding(mesh, PartitionSpec(_AXIS))
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _get(tree):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree,
+                                                                                   tiled=True))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+# ---------------------------------------------------------------------------------------
+# descent, vmapped over configurations
+
+
+def _where(mask, a, b):
+    return jax.tree_util.tree_map(
+        lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
+def _batched_advance(policy, batch_size, log_div, log_t0, order):
+    """advance(problems, states, n) for a batch: each configuration takes ``n`` more
+    accepted iterations with the engine's own ``_attempt``; phi(L(t0)) is evaluated only at
+    an iteration where some configuration crosses t0."""
+
+    def advance(problem, S, n):
+        target = S.step + n
+
+        def active(S):
+            return (S.step < target) & (S.status == OK)
+
+        def body(S):
+            act = active(S)
+            N = jax.vmap(lambda p, s: _attempt(p, policy, batch_size, log_div, log_t0, s,
+                                               update_t0=False))(problem, S)
+            crossed = act & (S.t0_step < 0) & (N.t0_step >= 0)
+
+            def fill():
+                at = jax.vmap(lambda ll, p: T0Info.at(ll, 0.5 * jnp.log(tree_dot(p, p)),
+                                                      order))(N.log_loss, N.params)
+                return _where(crossed, at, N.t0)
+
+            N = N._replace(t0=jax.lax.cond(jnp.any(crossed), fill, lambda: N.t0))
+            return _where(act, N, S)
+
+        return jax.lax.while_loop(lambda S: jnp.any(active(S)), body, S)
+
+    return advance
+
+
+def _shard(fn, mesh, n_batched: int, n_shared: int = 0):
+    spec = PartitionSpec(_AXIS)
+    return jax.jit(jax.shard_map(fn, mesh=mesh,
+                                 in_specs=(spec,) * n_batched + (PartitionSpec(),) * n_shared,
+                                 out_specs=spec, check_vma=False))
+
+
+_PROGRAMS: dict = {}
+
+
+def _descent_programs(g: _Group, policy, log_t0: float, mesh: Mesh):
+    """(init, advance, diagnostics), jitted and sharded, cached per group and mesh: the
+    policy's code serves every batch of the group since its values live in the states."""
+    key = (g.key, tuple(d.id for d in mesh.devices.flat))
+    if key not in _PROGRAMS:
+        log_div = math.log(float(g.static["divergence_factor"]))
+        init = jax.vmap(lambda pb, p, s, k: initial_state(pb, p, policy, s, k, None, log_t0))
+        _PROGRAMS[key] = (
+            _shard(init, mesh, 4),
+            _shard(_batched_advance(policy, None, log_div, log_t0, g.model.order), mesh, 2, 1),
+            _shard(jax.vmap(lambda pb, p, l0: diagnostics(pb, p, l0)), mesh, 3))
+    return _PROGRAMS[key]
+
+
+def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mesh,
+                       progress: Callable[[int], None], size: int | None = None
+                       ) -> dict[int, tuple[dict, dict]]:
+    """Run the descent configurations ``ids`` of group ``g`` in one vmapped, sharded
+    program, the batch padded to ``size`` (a multiple of the device count: the same shape,
+    hence the same compiled program, whichever configurations are left to run); returns
+    {id: (columns, meta)}."""
+    st = g.static
+    size = max(len(ids), size or 0)
+    cs = [configs[i] for i in ids + [ids[0]] * (-size % mesh.size + size - len(ids))]
+    problems = [g.problems[int(c["data_seed"])] for c in cs]
+    policies = [_policy(c, p) for c, p in zip(cs, problems)]
+    log_t0 = (problems[0].loss.log_threshold if st["t0_log_loss"] is None
+              else float(st["t0_log_loss"]))
+    if log_t0 > problems[0].loss.log_threshold:
+        raise ValueError(f"t0_log_loss = {log_t0} is above log l(b_f) = "
+                         f"{problems[0].loss.log_threshold:.6g}")
+    order = g.model.order
+    init, advance, diag = _descent_programs(g, policies[0], log_t0, mesh)
+    keys = [jax.random.PRNGKey(int(c["seed"])) for c in cs]
+    params0 = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), g.model.init(k))
+               for k in keys]
+    prob_b = _put(_stack([(p.X, p.y) for p in problems]), mesh)
+    prob_b = Problem(prob_b[0], prob_b[1], g.model, problems[0].loss)
+    host = (_stack(params0), _stack([p.init() for p in policies]), _stack(keys))
+    S = init(prob_b, *_put(host, mesh))
+
+    B = len(cs)
+    rows: list[list[dict]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)   # stopped and its last state recorded
+
+    def record(S):
+        d, h = _get(diag(prob_b, S.params, S.t0.log_loss)), _get(
+            (S.step, S.attempts, S.log_T, S.log_lr, S.status))
+        cols = {k: v for k, v in d._asdict().items()
+                if k not in _SCALAR_SKIP and k != "grad_norm_log_loss"}
+        for b in range(B):
+            if done[b]:
+                continue
+            row = {k: v[b] for k, v in cols.items()}
+            row.update(step=h[0][b], attempts=h[1][b], log_T=h[2][b], log_lr=h[3][b],
+                       separated=bool(cols["log_loss"][b] < problems[b].loss.log_threshold))
+            if not rows[b] or rows[b][-1]["step"] != row["step"]:
+                rows[b].append(row)
+            done[b] = h[4][b] != OK
+
+    start = time.perf_counter()
+    record(S)
+    steps, chunk = int(st["steps"]), int(st["chunk"])
+    for target in record_grid(steps, int(st["n_records"]))[1:]:
+        while True:
+            step, status = _get((S.step, S.status))
+            live = status == OK
+            if not np.any(live & (step < target)):
+                break
+            n = int(min(target - step[live].min(), chunk))
+            S = advance(prob_b, S, jnp.asarray(n))
+            progress(int(_get(S.step)[live].min()))
+        record(S)
+        if done.all():
+            break
+    wall = time.perf_counter() - start
+    final = _get((S.status, S.t0_step, S.t0.log_loss, S.min_log_loss, S.bad_step))
+    out = {}
+    for b, i in enumerate(ids):
+        code = int(final[0][b])
+        status = _STATUS[code]
+        if code == OK and final[3][b] >= problems[b].loss.log_threshold:
+            status = "not_separated"
+        cols = {k: np.asarray([r[k] for r in rows[b]]) for k in rows[b][0]}
+        meta = {"status": status, "t0_step": int(final[1][b]) if final[1][b] >= 0 else None,
+                "log_loss_t0": float(final[2][b]) if final[1][b] >= 0 else None,
+                "stopped_at_step": int(final[4][b]) if code != OK else None,
+                "order": order, "batch_wall_s": wall, "batch_size": len(ids),
+                "policy_config": policies[b].config}
+        out[i] = (cols, meta)
+    return out
+
+
+def _run_flow_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mesh,
+                    progress: Callable[[int], None], size: int | None = None
+                    ) -> dict[int, tuple[dict, dict]]:
+    """Gradient flow for the configurations ``ids`` (one ``flow_batch`` call, vmapped over
+    the initialization seeds, per data seed)."""
+    st = g.static
+    out = {}
+    by_data: dict[int, list[int]] = {}
+    for i in ids:
+        by_data.setdefault(int(configs[i]["data_seed"]), []).append(i)
+    for ds, batch in by_data.items():
+        problem = g.problems[ds]
+        params0 = _stack([g.model.init(jax.random.PRNGKey(int(configs[i]["seed"])))
+                          for i in batch])
+        start = time.perf_counter()
+        trajs = flow_batch(problem, params0, log_t_max=float(st["log_t_max"]),
+                           n_saves=int(st["n_saves"]), h_max=float(st["h_max"]),
+                           max_steps=int(st["max_steps"]))
+        wall = time.perf_counter() - start
+        for i, tr in zip(batch, trajs):
+            cols = {k: v for k, v in tr.columns.items() if v.ndim == 1}
+            out[i] = (cols, {"status": tr.meta["status"], "t0": tr.meta["t0"],
+                             "phase1_steps": tr.meta["phase1"]["steps"],
+                             "order": g.model.order, "batch_wall_s": wall,
+                             "batch_size": len(batch)})
+        progress(int(st["max_steps"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+
+
+def _column(values: list) -> np.ndarray:
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return np.asarray(values, bool)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, np.int64)
+    if all(v is None or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+           for v in values):
+        return np.asarray([math.nan if v is None else float(v) for v in values], np.float64)
+    return np.asarray([str(_name(v)) for v in values])
+
+
+@dataclass
+class SweepTable:
+    """One row per configuration x recorded point: the configuration's columns (every grid
+    key, plus ``config``, its index in the grid, ``order`` and ``status``) and the
+    trajectory's scalar columns (``step, log_T, log_loss, rho, smoothed_margin, ...``)."""
+
+    columns: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.columns["config"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def select(self, **equal) -> "SweepTable":
+        """Rows whose columns equal the given values, e.g. ``select(depth=2, loss="logistic")``."""
+        keep = np.ones(len(self), bool)
+        for k, v in equal.items():
+            keep &= self.columns[k] == v
+        return SweepTable({k: c[keep] for k, c in self.columns.items()}, self.meta)
+
+    def runs(self) -> Iterator[tuple[dict, dict]]:
+        """(configuration, columns) per configuration, in grid order."""
+        configs = self.meta.get("configs", [])
+        for cid in np.unique(self.columns["config"]):
+            rows = self.columns["config"] == cid
+            cfg = {"config": int(cid), **(configs[int(cid)] if int(cid) < len(configs) else {})}
+            yield cfg, {k: c[rows] for k, c in self.columns.items()}
+
+    def to_pandas(self):
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("SweepTable.to_pandas needs pandas: pip install pandas") from e
+        return pd.DataFrame(self.columns)
+
+    def save(self, directory) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic(d / "table.npz", lambda f: np.savez(f, **self.columns))
+        _atomic(d / "sweep.json", lambda f: f.write(json.dumps(_jsonable(self.meta),
+                                                              indent=1).encode()))
+        names = list(self.columns)
+        lines = [",".join(names)] + [",".join(_csv(self.columns[k][r]) for k in names)
+                                     for r in range(len(self))]
+        _atomic(d / "table.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        return d
+
+    @classmethod
+    def load(cls, directory) -> "SweepTable":
+        d = Path(directory)
+        with np.load(d / "table.npz") as f:
+            columns = {k: f[k] for k in f.files}
+        return cls(columns, json.loads((d / "sweep.json").read_text()))
+
+
+def _csv(v) -> str:
+    s = str(v.item() if hasattr(v, "item") else v)
+    return f'"{s}"' if "," in s else s
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else str(f)
+    if callable(obj):
+        return _name(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return repr(obj)
+
+
+def _atomic(path: Path, write: Callable) -> None:
+    """Write ``path`` through a temporary file in the same directory and an atomic rename,
+    so a reader (or a resumed sweep) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _config_file(out: Path, i: int) -> Path:
+    return out / "configs" / f"{i:06d}.npz"
+
+
+def _save_config(out: Path, i: int, cols: dict, meta: dict) -> None:
+    blob = json.dumps(_jsonable(meta))
+    _atomic(_config_file(out, i), lambda f: np.savez(f, __meta__=np.asarray(blob), **cols))
+
+
+def _load_config(out: Path, i: int) -> tuple[dict, dict]:
+    with np.load(_config_file(out, i)) as f:
+        cols = {k: f[k] for k in f.files if k != "__meta__"}
+        meta = json.loads(str(f["__meta__"]))
+    return cols, meta
+
+
+def _manifest(out: Path, configs: list[dict]) -> None:
+    spec = _jsonable(configs)
+    path = out / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["configs"] != spec:
+            raise ValueError(f"{out} holds a different sweep ({len(old['configs'])} "
+                             f"configurations); use a new output directory")
+        return
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda f: f.write(json.dumps({"configs": spec}, indent=1).encode()))
+
+
+def _assemble(configs: list[dict], results: dict, meta: dict) -> SweepTable:
+    parts, statuses = [], []
+    for i, c in enumerate(configs):
+        cols, m = results[i]
+        n = len(next(iter(cols.values())))
+        statuses.append(m["status"])
+        parts.append((i, c, cols, m, n))
+    traj_keys = [k for k in parts[0][2]]
+    for _, _, cols, _, _ in parts[1:]:
+        traj_keys += [k for k in cols if k not in traj_keys]
+    columns: dict[str, np.ndarray] = {"config": np.concatenate(
+        [np.full(n, i, np.int64) for i, _, _, _, n in parts])}
+    for k in DEFAULTS:
+        columns[k] = np.repeat(_column([c[k] for _, c, _, _, _ in parts]),
+                               [n for *_, n in parts])
+    columns["order"] = np.concatenate([np.full(n, float(m["order"])) for *_, m, n in parts])
+    columns["status"] = np.concatenate([np.full(n, m["status"]) for *_, m, n in parts])
+    for k in traj_keys:
+        columns[k] = np.concatenate([
+            np.asarray(cols[k], np.float64) if k in cols else np.full(n, np.nan)
+            for _, _, cols, _, n in parts])
+    meta = {**meta, "configs": _jsonable(configs), "statuses": statuses,
+            "config_meta": [_jsonable(results[i][1]) for i in range(len(configs))]}
+    return SweepTable(columns, meta)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
+          progress: bool = True, on_config: Callable[[int], None] | None = None) -> SweepTable:
+    """Run every configuration of ``grid`` (see ``DEFAULTS`` for the keys) and return the
+    tidy table.
+
+    Configurations that share a model shape run as one jitted, vmapped program (at most
+    ``max_batch`` at a time), sharded along the configuration axis over ``devices``
+    (default: all of ``jax.devices()``). With ``out`` the finished configurations are
+    written one file each and a repeated call computes only the missing ones; the table
+    is written to ``out/table.npz``, ``table.csv`` and ``sweep.json``. ``on_config(i)`` is
+    called after configuration ``i`` is finished (and written); an exception raised there
+    stops the sweep with everything finished so far kept.
+
+    Bad input raises before any compute: an empty grid or axis, unknown keys or names, a
+    non-positive step size or policy parameter, a model whose declared order the
+    homogeneity check refutes (``HomogeneityError``, naming the depth).
+    """
+    configs = expand(grid)
+    groups = plan(configs)
+    mesh = _mesh(devices)
+    out = Path(out) if out is not None else None
+    results: dict[int, tuple[dict, dict]] = {}
+    if out is not None:
+        _manifest(out, configs) if jax.process_index() == 0 else None
+        for i in range(len(configs)):
+            if _config_file(out, i).exists():
+                results[i] = _load_config(out, i)
+    reused = sorted(results)
+    todo = [(g, [i for i in g.ids if i not in results]) for g in groups]
+    todo = [(g, ids) for g, ids in todo if ids]
+    bar = tqdm(total=len(configs), initial=len(reused), disable=not progress, unit="config",
+               leave=False, mininterval=0.5)
+    start = time.perf_counter()
+    computed = []
+    try:
+        for gi, (g, ids) in enumerate(todo):
+            run = _run_descent_group if g.static["engine"] == "descent" else _run_flow_group
+            for lo in range(0, len(ids), max_batch):
+                batch = ids[lo:lo + max_batch]
+                label = (f"group {gi + 1}/{len(todo)}: {_name(g.static['model'])} depth "
+                         f"{g.static['depth']} {g.static['loss']} {g.static['engine']}")
+                bar.set_description(label)
+                done = run(g, configs, batch, mesh,
+                           lambda step: bar.set_postfix(step=step, configs=len(batch)),
+                           size=min(max_batch, len(g.ids)))
+                for i in batch:
+                    results[i] = done[i]
+                    computed.append(i)
+                    if out is not None and jax.process_index() == 0:
+                        _save_config(out, i, *done[i])
+                    bar.update(1)
+                    if on_config is not None:
+                        on_config(i)
+    finally:
+        bar.close()
+    meta = {"n_configs": len(configs), "computed": computed, "reused": reused,
+            "wall_time_s": time.perf_counter() - start, "devices": mesh.size,
+            "device_kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
+            "vmapped": list(VMAPPED), "versions": package_versions()}
+    table = _assemble(configs, results, meta)
+    if out is not None and jax.process_index() == 0:
+        table.save(out)
+    return table

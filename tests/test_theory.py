@@ -1,0 +1,73 @@
+"""homoflow.theory: the rate ratios and the fitted exponent on trajectories whose rates are
+known exactly, and the monotonicity audit."""
+
+import math
+
+import numpy as np
+import pytest
+
+from homoflow import theory
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4, 5, 6])
+def test_exact_rate_gives_constant_ratio_and_the_predicted_exponent(L):
+    a = 2.0 - 2.0 / L
+    log_T = np.log(10.0) * np.linspace(1, 40, 200)
+    log_loss = -log_T - a * np.log(log_T) + math.log(3.0)      # L = 3 / (T (log T)^a)
+    log_rho = np.log(log_T) / L + math.log(0.5)                 # rho = 0.5 (log T)^{1/L}
+    cols = {"log_T": log_T, "log_loss": log_loss, "log_rho": log_rho,
+            "separated": np.ones_like(log_T, bool)}
+    np.testing.assert_allclose(theory.loss_ratio(log_T, log_loss, L), 3.0, rtol=1e-12)
+    np.testing.assert_allclose(theory.norm_ratio(log_T, log_rho, L), 0.5, rtol=1e-12)
+    rc = theory.rate_check(cols, L)
+    assert rc["fitted_exponent"] == pytest.approx(a, abs=1e-10)
+    assert rc["ratio_spread_last"] == pytest.approx(1.0, abs=1e-10)
+    assert rc["decades_recorded"] == pytest.approx(39.0)
+    assert rc["window_points"] == sum(log_T >= log_T[-1] - 6 * np.log(10.0))
+
+
+def test_fitted_exponent_converges_despite_a_subleading_term():
+    # log(1/L) - log T = a log log T + c + d / log T: the fit over far decades (as the
+    # log-polar flow reaches) recovers a; over the first decades it is biased
+    a, d = 1.5, 5.0
+    log_T = np.geomspace(3.0, 1e8, 300)
+    log_loss = -log_T - a * np.log(log_T) - d / log_T
+    far = theory.fitted_exponent(log_T, log_loss, log_T > 1e3)["exponent"]
+    near = theory.fitted_exponent(log_T, log_loss, log_T < 30)["exponent"]
+    assert abs(far - a) < 1e-3
+    assert abs(near - a) > 0.1
+
+
+def test_window_keeps_the_last_decades_past_t0():
+    log_T = np.log(10.0) * np.arange(-2, 13, dtype=float)      # T = 10^-2 .. 10^12
+    sep = log_T > np.log(10.0) * 0.5
+    m = theory.window(log_T, decades=6, separated=sep)
+    assert np.array_equal(np.flatnonzero(m), np.arange(8, 15))   # 10^6 .. 10^12
+    m = theory.window(log_T, separated=sep)
+    assert np.array_equal(np.flatnonzero(m), np.arange(3, 15))   # T > 1 and past t0
+
+
+def test_monotonicity_audit_lists_every_violation_after_t0():
+    v = np.array([5.0, 1.0, 1.0, 2.0, 1.5, 3.0, 3.0 - 1e-14, 4.0])
+    cols = {"descent_margin": v, "step": np.arange(8) * 10, "log_T": np.arange(8.0),
+            "separated": np.array([False, True, True, True, True, True, True, True])}
+    out = theory.audit_margin(cols, "descent")
+    assert [o["index"] for o in out] == [4]          # 5 -> 1 is before t0; -1e-14 is in rtol
+    assert out[0]["step"] == 40 and out[0]["relative_drop"] == pytest.approx(0.25)
+    assert theory.audit_margin({"smoothed_margin": np.arange(5.0)}, "flow") == []
+
+
+def test_linear_model_gradient_flow_on_one_point_has_rate_constant_one_over_norm_squared():
+    # q' = |x|^2 e^{-q}: e^q = e^{q0} + |x|^2 t, so L t -> 1 / |x|^2 (L = 1: no log factor)
+    x2, q0 = 2.5, 0.3
+    log_T = np.log(np.geomspace(1e2, 1e30, 100))
+    log_loss = -np.logaddexp(q0, math.log(x2) + log_T)
+    ratio = theory.loss_ratio(log_T, log_loss, 1.0)
+    assert ratio[-1] == pytest.approx(1 / x2, rel=1e-12)
+    assert theory.spread(ratio, theory.window(log_T, decades=6)) == pytest.approx(1.0, abs=1e-12)
+    assert theory.fitted_exponent(log_T, log_loss)["exponent"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_bad_order_is_rejected():
+    with pytest.raises(ValueError, match="order L must be > 0"):
+        theory.loss_exponent(0.0)
