@@ -1,0 +1,432 @@
+"""Appendix J on real data: bias-free CNNs on handwritten digits, margins at loss
+thresholds (Table 1), and L2 robustness between a certificate and an attack (Figure 8).
+
+Four runs of mini-batch SGD (batch 100, no momentum, cross-entropy in the log domain):
+the CNN *without* bias (bias only in the first layer: homogeneous in its parameters, L = 4)
+and, for comparison, the CNN *with* every bias (not homogeneous), each with the loss-based
+scheduler of Appendix K.1 and with a constant step. Every epoch records the training loss,
+train/test accuracy, the normalized margin of Appendix J.1 (q_min / prod_i ||W_i||, the
+first layer's bias counted in W_1, other biases ignored) and of eq. (2) (q_min / rho^L),
+and alpha(t) of eq. (26).
+
+Losses are the paper's *average* training loss (log10 of (1/N) sum_n l_n); the engine
+carries log of the sum, log L_sum = log L_avg + log N. A constant step eta on the average
+loss is the engine's ``constant(eta / N)`` on the sum; the loss-based alpha is the same in
+both conventions.
+
+Table 1 analog: the bias-free, loss-based run is checkpointed the first epoch its loss is
+below each threshold (10^-10, 10^-15, 10^-20, 10^-120) and at the end. For each checkpoint
+the robustness R(z) of every point is bracketed: ``attacks.certified_radius`` (margin over
+an exact layer-wise Lipschitz bound) <= R(z) <= ``attacks.l2_attack`` (Carlini–Wagner L2
+plus boundary refinement).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import attacks, data, losses, models, schedules
+from ..descent import RunStopped, descent
+from ..problem import make_problem
+from ..trajectory import package_versions
+
+RUNS = ("no_bias/loss_based", "bias/loss_based", "no_bias/constant", "bias/constant")
+TABLE_RUN = "no_bias/loss_based"
+
+# Lyu & Li, Table 1 (MNIST, CNN without bias, loss-based SGD): for the closing comparison
+PAPER_TABLE1 = (
+    ("model-1", 38, -10.04, 5.65e-5, 1.00, 0.993),
+    ("model-2", 75, -15.12, 9.50e-5, 1.00, 0.993),
+    ("model-3", 107, -20.07, 1.30e-4, 1.00, 0.993),
+    ("model-4", 935, -120.01, 4.61e-4, 1.00, 0.992),
+    ("model-5", 10000, -881.51, 1.18e-3, 1.00, 0.991),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The default is the reduced configuration (<= 20 min on two CPU cores)."""
+    data: str = "digits"
+    classes: tuple | None = None
+    channels: tuple = (8, 16)
+    kernel: tuple = (3, 3)
+    hidden: int = 32
+    batch_size: int = 100
+    alpha0: float = 0.1              # Appendix K.1: alpha(0) = 0.1, r_u = 2^(1/5), r_d = 2^(1/10)
+    lr_constant: float = 0.01        # the paper's constant step, on the average loss
+    epochs: int = 3000               # the Table 1 run (bias-free CNN, loss-based)
+    epochs_comparison: int = 300     # each of the three other runs
+    thresholds: tuple = (-10.0, -15.0, -20.0, -120.0)  # log10 of the average training loss
+    stop_log10_loss: float = -800.0  # end a run once its loss is below this
+    seed: int = 0
+    runs: tuple = RUNS
+    attack_points: int | None = 500  # per split (first points of the fixed split); None: all
+    attack_binary_steps: int = 5
+    attack_steps: int = 100
+    attack_polish: int = 3
+    attack_batch: int = 512
+    eps_max: float = 2.5
+    n_eps: int = 101
+
+
+# the test suite's configuration: one homogeneous and one non-homogeneous run, tiny CNN
+QUICK = Config(classes=(0, 1), channels=(4, 8), hidden=16, epochs=80, epochs_comparison=3,
+               runs=(TABLE_RUN, "bias/constant"), thresholds=(-3.0, -6.0, -9.0, -12.0),
+               attack_points=24, attack_binary_steps=3, attack_steps=25, attack_polish=2,
+               n_eps=26)
+# the paper's length (10 000 epochs for every run) and every point attacked
+FULL = Config(epochs=10_000, epochs_comparison=10_000, attack_points=None)
+
+
+def _paper_norms(params, model):
+    """||W_i|| per layer, the first layer's bias included, other biases ignored (J.1)."""
+    def norm(g, first):
+        leaves = [g["w"], g["b"]] if isinstance(g, dict) and first else \
+            [g["w"]] if isinstance(g, dict) else [g]
+        return jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
+    return jnp.stack([norm(g, i == 0) for i, g in enumerate(params)])
+
+
+def _evaluator(model, X_test, y_test):
+    X_test, y_test = jnp.asarray(X_test, jnp.float64), jnp.asarray(y_test)
+
+    @jax.jit
+    def evaluate(params):
+        test_margin = attacks.multiclass_margin(model.apply(params, X_test), y_test)
+        return jnp.mean((test_margin > 0).astype(jnp.float64)), _paper_norms(params, model)
+
+    return evaluate
+
+
+def train(name: str, config: Config, split: data.Split, progress: bool = True) -> dict:
+    """One run: per-epoch records, checkpoints at the loss thresholds, the final params."""
+    arch, schedule = name.split("/")
+    if arch not in ("no_bias", "bias") or schedule not in ("loss_based", "constant"):
+        raise ValueError(f"unknown run {name!r}; runs are {RUNS}")
+    n_classes = len(split.classes)
+    model = models.cnn(split.X_train.shape[1:], config.channels, config.kernel,
+                       hidden=config.hidden, n_outputs=n_classes, bias_first=True,
+                       all_biases=arch == "bias")
+    problem = make_problem(model, losses.cross_entropy(), split.X_train, split.y_train,
+                           allow_nonhomogeneous=arch == "bias")
+    n = problem.n
+    policy = (schedules.loss_based(alpha0=config.alpha0) if schedule == "loss_based"
+              else schedules.constant(config.lr_constant / n))
+    epochs = config.epochs if name == TABLE_RUN else config.epochs_comparison
+    evaluate = _evaluator(model, split.X_test, split.y_test)
+    L = len(model.layer_orders)
+    rows, checkpoints, last = [], {}, {}
+
+    def hook(step, params, row):
+        log10_loss = (float(row["log_loss"]) - math.log(n)) / math.log(10)
+        test_acc, norms = jax.device_get(evaluate(params))
+        q_min = float(row["q_min"])
+        rec = {"epoch": step, "log10_loss": log10_loss,
+               "train_acc": float(np.mean(row["margins"] > 0)), "test_acc": float(test_acc),
+               "normalized_margin": q_min / float(np.prod(norms)),
+               "normalized_margin_original": q_min / float(np.sum(norms ** 2)) ** (L / 2),
+               "q_min": q_min, "log_lr": float(row["log_lr"]), "log_loss_sum": float(row["log_loss"]),
+               "attempts": int(row["attempts"])}
+        rows.append(rec)
+        for k, thr in enumerate(config.thresholds):
+            if k not in checkpoints and log10_loss < thr:
+                checkpoints[k] = {"params": jax.device_get(params), "record": dict(rec)}
+        last.update(params=params, record=rec)
+        return log10_loss <= config.stop_log10_loss
+
+    extra = {}
+    if "kkt" in inspect.signature(descent).parameters:
+        extra["kkt"] = False  # a K x P Jacobian and an NNLS per epoch: not needed here
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # a short comparison run may end before separating the data; its status says so
+            warnings.filterwarnings("ignore", message="the loss never fell below")
+            traj = descent(problem, model.init(jax.random.PRNGKey(config.seed)), policy,
+                           epochs, batch_size=config.batch_size,
+                           key=jax.random.PRNGKey(config.seed + 1),
+                           record_at=range(1, epochs + 1), on_record=hook, snapshots=False,
+                           progress=progress, config={"experiment": "paper-cnn", "run": name},
+                           **extra)
+        status, message = traj.status, traj.meta["message"]
+    except RunStopped as stop:
+        status, message = stop.reason, str(stop)
+    wall = time.perf_counter() - start
+    # alpha(t) of eq. (26): eta(t) = alpha(t) / L(t-1), identical for average and sum losses
+    for prev, rec in zip(rows[:-1], rows[1:]):
+        rec["alpha"] = math.exp(rec["log_lr"] + prev["log_loss_sum"])
+    if rows:
+        rows[0]["alpha"] = math.nan
+    return {"name": name, "model": model, "homogeneous": model.homogeneous, "rows": rows,
+            "checkpoints": checkpoints, "final": last, "status": status, "message": message,
+            "wall_time_s": wall, "n_train": n}
+
+
+def checkpoint_models(run: dict, config: Config) -> list[dict]:
+    """Table 1's model-1..4 (first epoch below each threshold; skipped if never reached)
+    and model-5 (the end of the run)."""
+    out = []
+    for k, thr in enumerate(config.thresholds):
+        if k in run["checkpoints"]:
+            c = run["checkpoints"][k]
+            out.append({"label": f"model-{k + 1}", "threshold": thr, **c})
+    out.append({"label": f"model-{len(config.thresholds) + 1}", "threshold": None,
+                "params": jax.device_get(run["final"]["params"]),
+                "record": dict(run["final"]["record"])})
+    return out
+
+
+def robustness(model, ckpts: list[dict], split: data.Split, config: Config) -> dict:
+    """Per checkpoint and split: attack distances (>= R) and certified radii (<= R)."""
+    box = (0.0, 1.0) if config.data == "digits" else None
+    k = config.attack_points
+    sets = {"train": (split.X_train[:k], split.y_train[:k]),
+            "test": (split.X_test[:k], split.y_test[:k])}
+    out = {}
+    for c in ckpts:
+        for which, (X, y) in sets.items():
+            att = attacks.l2_attack(model.apply, c["params"], X, y, box=box,
+                                    binary_steps=config.attack_binary_steps,
+                                    steps=config.attack_steps, polish_steps=config.attack_polish,
+                                    batch=config.attack_batch)
+            cert = attacks.certified_radius(model, c["params"], X, y)
+            out[(c["label"], which)] = {"attack": att.distance, "certified": cert}
+    return out
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def table1(ckpts: list[dict], radii: dict) -> list[dict]:
+    rows = []
+    for c in ckpts:
+        r = c["record"]
+        test_att = radii[(c["label"], "test")]["attack"]
+        test_cert = radii[(c["label"], "test")]["certified"]
+        train_att = radii[(c["label"], "train")]["attack"]
+        rows.append({"model": c["label"],
+                     "threshold_log10": c["threshold"], "epochs": r["epoch"],
+                     "log10_train_loss": r["log10_loss"],
+                     "normalized_margin": r["normalized_margin"],
+                     "normalized_margin_original": r["normalized_margin_original"],
+                     "train_acc": r["train_acc"], "test_acc": r["test_acc"],
+                     "median_attack_radius_train": float(np.median(train_att)),
+                     "median_attack_radius_test": float(np.median(test_att)),
+                     "median_certified_radius_test": float(np.median(test_cert))})
+    return rows
+
+
+def table1_markdown(rows: list[dict]) -> str:
+    head = ("| model | epochs | train loss | normalized margin | train acc | test acc | "
+            "γ̄ eq. (2) | median R̃ train (attack) | median R̃ test (attack) | "
+            "median certified R test |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['model']} | {r['epochs']} | 10^{r['log10_train_loss']:.2f} | "
+        f"{r['normalized_margin']:.3g} | {100 * r['train_acc']:.1f}% | "
+        f"{100 * r['test_acc']:.1f}% | {r['normalized_margin_original']:.3g} | "
+        f"{_fmt(r['median_attack_radius_train'], '.3f')} | "
+        f"{_fmt(r['median_attack_radius_test'], '.3f')} | "
+        f"{_fmt(r['median_certified_radius_test'], '.2e')} |\n" for r in rows)
+    paper = ("\nThe paper's Table 1 (MNIST, CNN without bias, loss-based SGD, 10 000 epochs):\n\n"
+             "| model | epochs | train loss | normalized margin | train acc | test acc |\n"
+             "|---|---|---|---|---|---|\n"
+             + "".join(f"| {m} | {e} | 10^{l:.2f} | {g:.3g} | {100 * a:.0f}% | {100 * t:.1f}% |\n"
+                       for m, e, l, g, a, t in PAPER_TABLE1))
+    return head + body + paper
+
+
+def checks(run: dict, table: list[dict], radii: dict, config: Config) -> dict:
+    """The properties the experiment is expected to show, measured (not asserted here)."""
+    epochs = [r["epochs"] for r in table]
+    margins = [r["normalized_margin"] for r in table]
+    finite = all(math.isfinite(v) for r in run["rows"] for k, v in r.items()
+                 if k not in ("alpha", "log_lr") or r["epoch"] > 0)
+    violations = sum(int(np.sum(v["certified"] > v["attack"] * (1 + 1e-9) + 1e-12))
+                     for v in radii.values())
+    return {"thresholds_reached": [c for c in config.thresholds
+                                   if config.thresholds.index(c) in run["checkpoints"]],
+            "checkpoint_epochs_increasing": bool(np.all(np.diff(epochs) >= 0)),
+            "normalized_margin_non_decreasing": bool(np.all(np.diff(margins) >= 0)),
+            "all_records_finite": finite,
+            "certified_above_attack": violations,
+            "attack_failures": sum(int(np.sum(~np.isfinite(v["attack"]))) for v in radii.values())}
+
+
+def _write_csv(path: Path, rows: list[dict]):
+    if not rows:
+        return
+    keys = list(rows[0].keys() | set().union(*(r.keys() for r in rows)))
+    order = [k for k in rows[0]] + [k for k in keys if k not in rows[0]]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=order)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else str(float(x))
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+def run(config: Config = Config(), out=None, progress: bool = True, log=print) -> dict:
+    """Train the runs, build Table 1 and the robustness curves, write everything to ``out``."""
+    t0 = time.perf_counter()
+    out = Path(out) if out is not None else None
+    split = data.load(config.data, classes=config.classes)
+    log(f"paper-cnn: {config.data} (train {len(split.y_train)}, test {len(split.y_test)}, "
+        f"{len(split.classes)} classes), CNN channels {config.channels} kernels "
+        f"{config.kernel} hidden {config.hidden}, batch {config.batch_size}")
+    if TABLE_RUN not in config.runs:
+        raise ValueError(f"the runs must include {TABLE_RUN!r} (Table 1 is built on it)")
+    runs = {}
+    for name in config.runs:
+        runs[name] = train(name, config, split, progress)
+        r = runs[name]
+        log(f"  {name}: {len(r['rows']) - 1} epochs, log10 loss "
+            f"{r['rows'][-1]['log10_loss']:.4g}, status {r['status']}, {r['wall_time_s']:.0f} s")
+    table_run = runs[TABLE_RUN]
+    ckpts = checkpoint_models(table_run, config)
+    t_attack = time.perf_counter()
+    radii = robustness(table_run["model"], ckpts, split, config)
+    attack_wall = time.perf_counter() - t_attack
+    log(f"  robustness of {len(ckpts)} checkpoints: {attack_wall:.0f} s")
+    table = table1(ckpts, radii)
+    eps = np.linspace(0.0, config.eps_max, config.n_eps)
+    curves = [{"model": label, "split": which, "eps": float(e),
+               "robust_acc_attack": float(a), "robust_acc_certified": float(c)}
+              for (label, which), v in radii.items()
+              for e, a, c in zip(eps, attacks.robust_accuracy(v["attack"], eps),
+                                 attacks.robust_accuracy(v["certified"], eps))]
+    result = {"config": asdict(config), "table1": table,
+              "checks": checks(table_run, table, radii, config),
+              "runs": {k: {"status": r["status"], "message": r["message"],
+                           "homogeneous": r["homogeneous"], "epochs": len(r["rows"]) - 1,
+                           "wall_time_s": r["wall_time_s"], "final": r["rows"][-1]}
+                       for k, r in runs.items()},
+              "attack_wall_time_s": attack_wall, "versions": package_versions()}
+    result["wall_time_s"] = time.perf_counter() - t0
+    result["records"] = {k: r["rows"] for k, r in runs.items()}
+    result["curves"], result["radii"] = curves, radii
+    if out is not None:
+        write(result, out, eps)
+        log(f"  wrote {out} in {result['wall_time_s']:.0f} s total")
+    return result
+
+
+def write(result: dict, out: Path, eps) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table1.md").write_text(table1_markdown(result["table1"]))
+    _write_csv(out / "table1.csv", result["table1"])
+    for name, rows in result["records"].items():
+        _write_csv(out / f"epochs_{name.replace('/', '_')}.csv", rows)
+    _write_csv(out / "robustness.csv", result["curves"])
+    np.savez(out / "radii.npz", **{f"{label}_{which}_{kind}": v[kind]
+                                   for (label, which), v in result["radii"].items()
+                                   for kind in ("attack", "certified")})
+    summary = {k: v for k, v in result.items() if k not in ("records", "curves", "radii")}
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    plot(result, out, eps)
+
+
+_STYLE = {"no_bias": ("C0", "CNN without bias"), "bias": ("C3", "CNN with bias")}
+
+
+def plot(result: dict, out: Path, eps) -> list[Path]:
+    """Figures 1, 3/4, 7 and 8 of the paper, from this run's records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = {k: {c: np.array([r.get(c, np.nan) for r in rows], float) for c in rows[0]}
+           for k, rows in result["records"].items()}
+    paths = []
+
+    def save(fig, name):
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+
+    # Figure 1: training loss and normalized margin, constant step (top) and loss-based
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for row, schedule in enumerate(("constant", "loss_based")):
+        for name, r in rec.items():
+            arch, sch = name.split("/")
+            if sch != schedule:
+                continue
+            color, label = _STYLE[arch]
+            axes[row, 0].plot(r["epoch"], r["log10_loss"], color=color, label=label)
+            axes[row, 1].plot(r["epoch"], r["normalized_margin"], color=color, label=label)
+        axes[row, 0].set(xlabel="epoch", ylabel="log10 training loss (average)",
+                         title=f"SGD, {schedule.replace('_', '-')} step")
+        axes[row, 1].set(xlabel="epoch", ylabel="normalized margin q_min / prod ||W_i||")
+        axes[row, 1].set_ylim(bottom=0)
+        axes[row, 0].legend()
+    save(fig, "fig1_loss_margin.png")
+
+    # Figures 3/4: training accuracy, eq. (2) normalized margin, alpha(t)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    for name, r in rec.items():
+        arch, sch = name.split("/")
+        color, label = _STYLE[arch]
+        ls = "-" if sch == "loss_based" else ":"
+        lab = f"{label}, {sch.replace('_', '-')}"
+        axes[0].plot(r["epoch"], r["train_acc"], color=color, ls=ls, label=lab)
+        axes[1].plot(r["epoch"], r["normalized_margin_original"], color=color, ls=ls, label=lab)
+        if sch == "loss_based":
+            axes[2].semilogy(r["epoch"], r["alpha"], color=color, label=lab)
+    axes[0].set(xlabel="epoch", ylabel="training accuracy")
+    axes[1].set(xlabel="epoch", ylabel="normalized margin q_min / rho^L (eq. 2)")
+    axes[1].set_ylim(bottom=0)
+    axes[2].set(xlabel="epoch", ylabel="relative learning rate alpha(t), eq. (26)")
+    axes[0].legend(fontsize=8)
+    save(fig, "fig3_4_accuracy_margin_alpha.png")
+
+    # Figure 7: train and test accuracy of the Table 1 run
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    r = rec[TABLE_RUN]
+    ax.plot(r["epoch"], r["train_acc"], label="train")
+    ax.plot(r["epoch"], r["test_acc"], label="test")
+    ax.set(xlabel="epoch", ylabel="accuracy", title="CNN without bias, loss-based SGD")
+    ax.set_ylim(max(0.0, min(np.nanmin(r["test_acc"][len(r["test_acc"]) // 10:]), 0.9)), 1.001)
+    ax.legend()
+    save(fig, "fig7_accuracy.png")
+
+    # Figure 8: robust accuracy vs eps between the certificate (dashed) and the attack
+    labels = sorted({label for label, _ in result["radii"]}, key=lambda s: int(s.split("-")[1]))
+    colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(labels)))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    for row, which in enumerate(("train", "test")):
+        for col, eps_max in enumerate((float(eps[-1]), float(eps[-1]) / 5)):
+            ax = axes[row, col]
+            for label, color in zip(labels, colors):
+                v = result["radii"][(label, which)]
+                ax.plot(eps, attacks.robust_accuracy(v["attack"], eps), color=color,
+                        label=f"{label} attack")
+                ax.plot(eps, attacks.robust_accuracy(v["certified"], eps), color=color,
+                        ls="--", label=f"{label} certified")
+            ax.set(xlim=(0, eps_max), ylim=(0, 1.01), xlabel="eps (L2)",
+                   ylabel=f"robust accuracy ({which})")
+        axes[row, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle("L2 robustness: certified lower bound (dashed) <= truth <= attack (solid)")
+    save(fig, "fig8_robustness.png")
+    return paths

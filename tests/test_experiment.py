@@ -1,0 +1,108 @@
+import csv
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from homoflow import check_homogeneity, losses, make_problem, models
+from homoflow.cli import main
+from homoflow.experiments import paper_cnn
+
+
+def _read_csv(path):
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: float(v) if v not in ("", "None") else math.nan for k, v in r.items()
+             if k != "model" and k != "split"} | {k: r[k] for k in ("model", "split") if k in r}
+            for r in rows]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_cnn")
+    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_experiment_writes_table_records_curves_and_figures(quick):
+    for name in ("table1.md", "table1.csv", "robustness.csv", "radii.npz", "summary.json",
+                 "epochs_no_bias_loss_based.csv", "epochs_bias_constant.csv",
+                 "fig1_loss_margin.png", "fig3_4_accuracy_margin_alpha.png",
+                 "fig7_accuracy.png", "fig8_robustness.png"):
+        assert (quick / name).stat().st_size > 0, name
+    summary = json.loads((quick / "summary.json").read_text())
+    assert summary["runs"]["bias/constant"]["homogeneous"] is False
+    assert summary["runs"]["no_bias/loss_based"]["homogeneous"] is True
+
+
+def test_quick_records_are_finite_and_the_loss_based_run_separates(quick):
+    rows = _read_csv(quick / "epochs_no_bias_loss_based.csv")
+    assert len(rows) == paper_cnn.QUICK.epochs + 1 or rows[-1]["log10_loss"] <= -800
+    for r in rows[1:]:
+        assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
+    assert rows[-1]["train_acc"] == 1.0
+    # alpha(t) of eq. (26) is eta(t) L(t-1): it never exceeds alpha0 r_u^t
+    alphas = np.array([r["alpha"] for r in rows[1:]])
+    t = np.arange(1, len(rows))
+    assert np.all(alphas <= paper_cnn.QUICK.alpha0 * 2 ** (t / 5) * (1 + 1e-9))
+
+
+def test_table1_thresholds_are_crossed_in_order_and_first_time(quick):
+    table = _read_csv(quick / "table1.csv")
+    records = {int(r["epoch"]): r["log10_loss"] for r in
+               _read_csv(quick / "epochs_no_bias_loss_based.csv")}
+    thresholds = paper_cnn.QUICK.thresholds
+    assert [r["model"] for r in table] == [f"model-{k}" for k in range(1, len(thresholds) + 2)]
+    epochs = [int(r["epochs"]) for r in table]
+    assert all(a < b for a, b in zip(epochs, epochs[1:]))  # every threshold reached, in order
+    for row, thr in zip(table, thresholds):
+        e = int(row["epochs"])
+        assert row["log10_train_loss"] < thr <= records[e - 1]  # the first epoch below it
+
+
+def test_normalized_margin_of_the_bias_free_cnn_does_not_decrease_across_checkpoints(quick):
+    table = _read_csv(quick / "table1.csv")
+    margins = [r["normalized_margin"] for r in table]
+    assert margins[0] > 0
+    assert all(b >= a for a, b in zip(margins, margins[1:])), margins
+
+
+def test_each_robustness_curve_lies_between_certificate_and_attack(quick):
+    with np.load(quick / "radii.npz") as f:
+        radii = {k: f[k] for k in f.files}
+    labels = {k.rsplit("_", 2)[0] for k in radii}
+    assert len(labels) == len(paper_cnn.QUICK.thresholds) + 1
+    for label in labels:
+        for split in ("train", "test"):
+            att, cert = radii[f"{label}_{split}_attack"], radii[f"{label}_{split}_certified"]
+            assert len(att) == paper_cnn.QUICK.attack_points
+            assert np.all(np.isfinite(att)) and np.all(cert >= 0)
+            assert np.all(cert <= att)
+    for r in _read_csv(quick / "robustness.csv"):
+        assert 0 <= r["robust_acc_certified"] <= r["robust_acc_attack"] <= 1
+
+
+def test_the_cnn_with_every_bias_is_refused_as_homogeneous_and_measurably_is_not():
+    model = models.cnn((8, 8), channels=(2, 3), hidden=4, n_outputs=3, all_biases=True)
+    X = np.random.default_rng(0).uniform(size=(10, 8, 8))
+    y = np.arange(10) % 3
+    with pytest.raises(ValueError, match="not homogeneous"):
+        make_problem(model, losses.cross_entropy(), X, y)
+    problem = make_problem(model, losses.cross_entropy(), X, y, allow_nonhomogeneous=True)
+    assert not problem.model.homogeneous
+    params = model.init(jax.random.PRNGKey(0))
+    params = tuple(dict(g, b=g["b"] + 0.3) for g in params)  # nonzero biases
+    with pytest.raises(models.HomogeneityError):
+        check_homogeneity(model, params, X)
+
+
+def test_one_dimensional_bias_free_cnn_is_homogeneous_of_order_four():
+    model = models.cnn((40,), channels=(3, 4), kernel=(5, 3), hidden=6, n_outputs=10,
+                       bias_first=True)
+    params = model.init(jax.random.PRNGKey(1))
+    params = (dict(params[0], b=params[0]["b"] + 0.2), *params[1:])
+    X = np.random.default_rng(1).normal(size=(12, 40))
+    report = check_homogeneity(model, params, X)
+    assert abs(report.order - 4.0) < 1e-9
