@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 from . import data as data_mod
-from . import losses, models, schedules
+from . import kkt, losses, models, schedules
 from .descent import RunStopped, descent
 from .flow import flow
 from .plots import plot_trajectory
@@ -112,8 +112,20 @@ def _run(args) -> int:
     print(_summary_table(summary))
     if summary["status"] == "not_separated":
         print(f"note: {summary['message']}")
-    print(f"run directory: {out}  (trajectory.csv, columns.npz, snapshots.npz, meta.json, "
-          f"summary.json, loss.png, margins.png, rho.png, beta.png)")
+    files = "trajectory.csv, columns.npz, snapshots.npz, meta.json, summary.json, loss.png, " \
+            "margins.png, rho.png, beta.png"
+    if not args.no_kkt_report and summary["status"] != "not_separated":
+        try:
+            report = kkt.convergence_report(problem, traj)
+        except ValueError as err:  # e.g. no saved point after separation
+            print(f"no convergence report: {err}")
+        else:
+            print("\nconvergence to a KKT point of (P) (last decades of log T):")
+            print(kkt.format_report(report))
+            (out / "convergence.md").write_text(kkt.format_report(report, max_rows=50) + "\n")
+            kkt.plot_report(report, out / "convergence.png")
+            files += ", convergence.md, convergence.png"
+    print(f"run directory: {out}  ({files})")
     return code
 
 
@@ -164,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                      help="run directory (default: a fresh directory under runs/)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--no-kkt-report", action="store_true",
+                     help="skip the closing convergence report (KKT residuals, polished point)")
     run.set_defaults(func=_run)
     _add_experiment_parser(sub)
     _add_sweep_parser(sub)

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .diagnostics import diagnostics, global_norm, tree_dot
+from .kkt import kkt_columns
 from .problem import Problem
 from .schedules import Policy, T0Info, optax_log_lr
 from .trajectory import Trajectory, package_versions
@@ -223,7 +224,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
             support_decades: float = 3.0, snapshots: bool = True,
             t0_log_loss: float | None = None, config: dict | None = None,
-            record_at=None, on_record=None) -> Trajectory:
+            record_at=None, on_record=None, kkt: bool = True) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -245,6 +246,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     after each recorded row, with the parameters of that iteration: a hook for quantities
     the engine does not know (test accuracy, checkpoints) that needs no snapshots. If it
     returns True the run ends there, completed (``meta["stopped_by_hook"]`` is the step).
+
+    With ``kkt`` every record also holds ``kkt_eps`` and ``kkt_delta``
+    (``kkt.kkt_residual``: an NNLS on the smallest 256 constraints, a few ms per record).
     """
     if batch_size is not None:
         if not 1 <= int(batch_size) <= problem.n:
@@ -272,6 +276,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         row.update(step=int(s.step), attempts=int(s.attempts), log_T=float(s.log_T),
                    log_lr=float(s.log_lr),
                    separated=bool(d.log_loss < problem.loss.log_threshold))
+        if kkt:
+            row.update({k: float(v) for k, v in kkt_columns(problem, s.params).items()})
         rows.append(row)
         stop = on_record is not None and bool(on_record(int(s.step), s.params, row))
         if snapshots:

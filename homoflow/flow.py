@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .descent import RunStopped, descent
 from .diagnostics import diagnostics
+from .kkt import kkt_columns
 from .problem import Problem
 from .schedules import constant
 from .trajectory import Trajectory, package_versions
@@ -193,14 +194,16 @@ def _make_polar_advance(problem: Problem, unravel, rtol, atol, h_max):
 class _Recorder:
     """Diagnostics (the one shared function) at saved points, plus solver statistics."""
 
-    def __init__(self, problem: Problem, snapshots: bool):
-        self.problem, self.snapshots = problem, snapshots
+    def __init__(self, problem: Problem, snapshots: bool, kkt: bool):
+        self.problem, self.snapshots, self.kkt = problem, snapshots, kkt
         self.rows, self.snaps = [], []
         self._diag = jax.jit(diagnostics)
 
     def __call__(self, params, log_t, phase, steps, rejected, wall):
         d = self._diag(self.problem, params)
         row = d.columns()
+        if self.kkt:
+            row.update({k: float(v) for k, v in kkt_columns(self.problem, params).items()})
         row.update(step=int(steps), attempts=int(steps + rejected), log_T=float(log_t),
                    log_lr=math.nan, separated=bool(d.log_loss < self.problem.loss.log_threshold),
                    phase=phase, rejected=int(rejected), wall_s=wall)
@@ -236,7 +239,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
          h_max: float = 0.01, max_steps: int = 1_000_000, max_wall_s: float | None = None,
-         progress: bool = True, snapshots: bool = True,
+         progress: bool = True, snapshots: bool = True, kkt: bool = True,
          config: dict | None = None) -> Trajectory:
     """Simulate gradient flow from ``params0`` and record diagnostics.
 
@@ -250,7 +253,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0;
     phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced values of log t between log t0 and ``log_t_max`` (or of tau when
     only ``tau_max`` is given). Columns are those of ``descent`` (``log_T`` is log t, ``step``
-    counts accepted solver steps; tau is ``log_rho``) plus ``phase``, ``rejected``, ``wall_s``.
+    counts accepted solver steps; tau is ``log_rho``) plus ``phase``, ``rejected``, ``wall_s``,
+    and (with ``kkt``) ``kkt_eps``/``kkt_delta`` of ``kkt.kkt_residual``.
 
     Data that never separate stop at ``t0_limit`` with status "not_separated" and a
     warning. A solver failure (diffrax's result code in phase 1; step-size underflow,
@@ -262,7 +266,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = ravel_pytree(params0)
-    rec = _Recorder(problem, snapshots)
+    rec = _Recorder(problem, snapshots, kkt)
     meta = {"engine": "flow", "model": problem.model.name, "order": problem.order,
             "layer_orders": list(problem.model.layer_orders), "loss": problem.loss.name,
             "n": problem.n, "log_threshold": problem.loss.log_threshold,
@@ -413,6 +417,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
 
     t0, flat_t0, p1_steps, saved = jax.jit(jax.vmap(one))(flat0)
     diag = jax.jit(jax.vmap(diagnostics, (None, 0)))
+    kkt_batch = jax.jit(jax.vmap(kkt_columns, (None, 0)))
     out = []
     for b in range(batch):
         thetas = np.concatenate([np.asarray(flat_t0[b])[None], np.asarray(saved[0][b])])
@@ -424,6 +429,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
         d = diag(problem, params)
         columns = d.columns()
+        columns.update({k: np.asarray(v) for k, v in kkt_batch(problem, params).items()})
         columns.update(step=steps[keep], attempts=steps[keep] + rejected[keep],
                        log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
                        separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),

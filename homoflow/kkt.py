@@ -13,10 +13,14 @@ so an exact KKT point gives eps = delta = 0 and an inexact one a balanced pair.
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
 from .problem import Problem
@@ -74,11 +78,74 @@ def nnls(A: jax.Array, b: jax.Array, tol: float | None = None,
     return x
 
 
+
+def nnls_gram(G: jax.Array, g: jax.Array, b_norm=1.0, tol: float | None = None,
+              max_iter: int | None = None) -> jax.Array:
+    """``nnls`` from the normal equations: min_x>=0 ||A x - b|| given only G = A^T A and
+    g = A^T b (and ||b||, for the tolerance). The same Lawson-Hanson iteration, each passive
+    solve a K x K minimum-norm least squares on G_PP instead of an m x K one on A_P, so the
+    cost no longer depends on m (here m = P, the number of parameters). Conditioning is
+    that of G (cond(A)^2): fine for multipliers; compute residuals from A, not from G.
+    Each passive solve is a Cholesky factorization (ridge below), ~20x faster than the SVD
+    that the dense version's minimum-norm ``lstsq`` needs."""
+    n = G.shape[0]
+    col = jnp.sqrt(jnp.maximum(jnp.diag(G), 0.0))
+    tol = 10 * jnp.finfo(G.dtype).eps * n * jnp.max(col) * jnp.maximum(b_norm, 1.0) \
+        if tol is None else tol
+    max_iter = 3 * n if max_iter is None else max_iter
+
+    # A ridge of 1e-13 max G_kk keeps the Cholesky factor finite when passive columns are
+    # duplicate or zero (then it picks a near-minimum-norm solution); its effect on the
+    # multipliers is ~1e-13 relative, far below the tolerances the answers are used at.
+    ridge = 1e-13 * jnp.max(jnp.diag(G)) + jnp.finfo(G.dtype).tiny
+    eye = jnp.eye(n, dtype=G.dtype)
+
+    def passive_lstsq(P):
+        PP = P[:, None] & P[None, :]
+        G_P = jnp.where(PP, G, 0.0)
+        factor = jax.scipy.linalg.cho_factor(G_P + jnp.where(P, ridge, 1.0) * eye)
+        g_P = jnp.where(P, g, 0.0)
+        z = jax.scipy.linalg.cho_solve(factor, g_P)
+        for _ in range(2):  # iterative refinement removes the ridge's bias where G_PP is regular
+            z = z + jax.scipy.linalg.cho_solve(factor, g_P - G_P @ z)
+        return jnp.where(P, z, 0.0)
+
+    def inner(carry):
+        x, P, z, it = carry
+        neg = P & (z <= 0)
+        ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
+        x = x + jnp.min(ratio) * (z - x)
+        P = P & (x > tol)
+        x = jnp.where(P, x, 0.0)
+        return x, P, passive_lstsq(P), it + 1
+
+    def inner_cond(carry):
+        _, P, z, it = carry
+        return jnp.any(P & (z <= 0)) & (it < max_iter)
+
+    def outer(carry):
+        x, P, it = carry
+        j = jnp.argmax(jnp.where(P, -jnp.inf, g - G @ x))
+        P = P.at[j].set(True)
+        x, P, z, it = jax.lax.while_loop(inner_cond, inner, (x, P, passive_lstsq(P), it))
+        return jnp.where(P, z, 0.0), P, it + 1
+
+    def outer_cond(carry):
+        x, P, it = carry
+        return jnp.any(~P & (g - G @ x > tol)) & (it < max_iter)
+
+    x0 = jnp.zeros(n, G.dtype)
+    x, _, _ = jax.lax.while_loop(outer_cond, outer, (x0, jnp.zeros(n, bool), 0))
+    return x
+
+
 class KKTResidual(NamedTuple):
     eps: jax.Array       # ||theta~ - sum lambda_k h_k||
     delta: jax.Array     # sum lambda_k (c_k(theta~) - 1)
-    lam: jax.Array       # the multipliers, one per constraint (N, or N (C - 1))
-    valid: jax.Array     # False where q_min <= 0: theta~ is undefined (eps, delta are NaN)
+    lam: jax.Array       # the multipliers, one per constraint used (N, N (C-1), or the cap)
+    index: jax.Array     # which constraints lam belongs to (row-major in (n, j != y_n))
+    valid: jax.Array     # False where q_min <= 0 or a used constraint has a zero gradient
+    n_zero_grad: jax.Array  # used constraints whose autodiff gradient is exactly zero
 
 
 def constraints(problem: Problem, params) -> jax.Array:
@@ -92,23 +159,386 @@ def constraints(problem: Problem, params) -> jax.Array:
     return jnp.take_along_axis(s, order, axis=1).ravel()
 
 
-def kkt_residual(problem: Problem, params) -> KKTResidual:
+def _constraint_grads(problem: Problem, flat, unravel, index) -> jax.Array:
+    """Rows grad c_k(theta) for the constraints ``index``, each from its own data point
+    only (one single-example backward pass per row, whatever N is)."""
+    C = problem.model.n_outputs
+    per_row = 1 if C == 1 else C - 1
+    n, j = index // per_row, index % per_row
+
+    def one(n, j):
+        sub = Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss)
+        return jax.grad(lambda z: constraints(sub, unravel(z))[j])(flat)
+
+    return jax.vmap(one)(n, j)
+
+
+def kkt_residual(problem: Problem, params, max_constraints: int | None = 256) -> KKTResidual:
     """The best (eps, delta) of Definition C.6 at theta~ = theta / q_min^{1/L} (pure; jit and
     vmap over snapshots). Where q_min <= 0 (not yet separating) the result is flagged
-    ``valid = False`` with eps = delta = NaN rather than a number."""
+    ``valid = False`` with eps = delta = NaN rather than a number.
+
+    lambda >= 0 minimizes eps^2 + delta^2, a non-negative least-squares problem solved from
+    its K x K normal equations (``nnls_gram``). With more than ``max_constraints``
+    constraints only the smallest ``max_constraints`` enter (lambda = 0 on the rest): the
+    pair is then still a valid certificate of Definition C.6, an upper bound on the best
+    one, and equal to it whenever the best multipliers live on those constraints — which
+    they do late in a run, where lambda_k (c_k - 1) penalizes every far constraint.
+    """
     L = problem.order
-    q_min = jnp.min(problem.margins(params))
+    c_all = constraints(problem, params)
+    q_min = jnp.min(c_all)
     valid = q_min > 0
     scale = jnp.where(valid, q_min, 1.0) ** (-1.0 / L)
-    theta_t = jax.tree_util.tree_map(lambda p: scale * p, params)
-    flat, unravel = ravel_pytree(theta_t)
-    c, pullback = jax.vjp(lambda z: constraints(problem, unravel(z)), flat)
-    H = jax.vmap(pullback)(jnp.eye(c.shape[0], dtype=c.dtype))[0]  # (K, P): rows h_k
-    # rows: theta~ - H^T lambda (eps) and sum lambda_k (c_k - 1) (delta)
-    A = jnp.concatenate([H.T, (c - 1.0)[None, :]], axis=0)
-    lam = nnls(A, jnp.concatenate([flat, jnp.zeros(1, flat.dtype)]))
+    flat, unravel = ravel_pytree(jax.tree_util.tree_map(lambda p: scale * p, params))
+    K = c_all.shape[0]
+    m = K if max_constraints is None else min(K, int(max_constraints))
+    index = jnp.arange(K) if m == K else jax.lax.top_k(-c_all, m)[1]
+    H = _constraint_grads(problem, flat, unravel, index)        # (m, P): rows h_k
+    d = c_all[index] * scale ** L - 1.0                           # c_k(theta~) - 1
+    G = H @ H.T + d[:, None] * d[None, :]
+    lam = nnls_gram(G, H @ flat, jnp.linalg.norm(flat))
     eps = jnp.linalg.norm(flat - H.T @ lam)
-    delta = jnp.sum(lam * (c - 1.0))
+    delta = jnp.sum(lam * d)
+    n_zero = jnp.sum(jnp.all(H == 0.0, axis=1))
+    valid = valid & (n_zero == 0)
     nan = jnp.asarray(jnp.nan, flat.dtype)
     return KKTResidual(jnp.where(valid, eps, nan), jnp.where(valid, delta, nan),
-                       jnp.where(valid, lam, nan), valid)
+                       jnp.where(valid, lam, nan), index, valid, n_zero)
+
+
+@partial(jax.jit, static_argnames="max_constraints")
+def kkt_columns(problem: Problem, params, max_constraints: int | None = 256) -> dict:
+    """The Trajectory columns ``kkt_eps`` and ``kkt_delta`` (NaN where not valid)."""
+    r = kkt_residual(problem, params, max_constraints)
+    return {"kkt_eps": r.eps, "kkt_delta": r.delta}
+
+
+class LemmaC8(NamedTuple):
+    eps: jax.Array    # C1 sqrt(1 - beta)
+    delta: jax.Array  # C2 / log(1/L)
+    C1: jax.Array
+    C2: jax.Array
+
+
+def lemma_c8_pair(problem: Problem, params, smoothed_margin_t0, B1=jnp.nan) -> LemmaC8:
+    """Lemma C.8's constructive (eps, delta): theta~ is an (eps, delta)-KKT point with
+    eps = C1 sqrt(1 - beta), delta = C2 / log(1/L), C1 = sqrt(2) / gamma~(t0)^{1/L} and
+    C2 = 2 e N K^2 / (L gamma~(t0)^{2/L}) (B1 / gamma~(t0))^{log2 K}, K and b_g of (B3.4)
+    (``loss.K``, ``loss.b_g``; K = 1 for the exponential loss, so B1 drops out; otherwise
+    pass B1 = sup ||grad q_n|| on the unit sphere, e.g. the *estimate* of
+    ``schedules.estimate_smoothness_constants``). NaN where log(1/L) < b_g or a constant
+    is unknown."""
+    from .diagnostics import diagnostics  # diagnostics imports nothing from here
+
+    L = problem.order
+    d = diagnostics(problem, params)
+    g0 = jnp.asarray(smoothed_margin_t0, jnp.float64)
+    K = problem.loss.K
+    C1 = jnp.sqrt(2.0) / g0 ** (1.0 / L)
+    B_term = 1.0 if K == 1.0 else (jnp.asarray(B1) / g0) ** math.log2(K)
+    C2 = 2 * math.e * problem.n * K ** 2 / (L * g0 ** (2.0 / L)) * B_term
+    s = -d.log_loss
+    ok = s >= problem.loss.b_g
+    nan = jnp.asarray(jnp.nan)
+    return LemmaC8(jnp.where(ok, C1 * jnp.sqrt(jnp.maximum(1.0 - d.beta, 0.0)), nan),
+                   jnp.where(ok, C2 / s, nan), C1, C2)
+
+
+# --- max-margin references -------------------------------------------------------------
+
+class SVMReference(NamedTuple):
+    solution: np.ndarray   # w*: the minimum-norm vector with <w*, g_k> >= 1 for all k
+    direction: np.ndarray  # w* / ||w*||
+    margin: float          # 1 / ||w*||: the max-margin value of the reference problem
+    dual: np.ndarray       # alpha_k >= 0 with w* = sum alpha_k g_k (zero off the support)
+    kind: str
+
+
+def least_distance(Gmat, h=None) -> tuple[np.ndarray, np.ndarray]:
+    """min ||w|| s.t. Gmat w >= h (default h = 1: a hard-margin SVM with feature rows
+    g_k = Gmat[k]) as Lawson and Hanson's least-distance program (1974, ch. 23): one NNLS
+    min_{u >= 0} ||[Gmat^T; h^T] u - e_{P+1}|| by SciPy's ``nnls``; then
+    w = Gmat^T u / (1 - h.u) and the dual multipliers are alpha = u / (1 - h.u).
+    Raises ValueError when no w satisfies the constraints (the data are not separable by
+    these features)."""
+    Gmat = np.asarray(Gmat, np.float64)
+    K, P = Gmat.shape
+    h = np.ones(K) if h is None else np.asarray(h, np.float64)
+    E = np.vstack([Gmat.T, h[None, :]])
+    f = np.zeros(P + 1)
+    f[-1] = 1.0
+    u, _ = scipy.optimize.nnls(E, f, maxiter=50 * K)
+    r = E @ u - f
+    if np.linalg.norm(r) <= 1e-12:
+        raise ValueError("the constraints <w, g_k> >= 1 are infeasible: the data are not "
+                         "separable by these features, so there is no hard-margin SVM")
+    scale = -r[-1]  # = 1 - h.u > 0
+    return Gmat.T @ u / scale, u / scale
+
+
+def _constraint_jacobian(problem: Problem, params) -> tuple[np.ndarray, object]:
+    flat, unravel = ravel_pytree(params)
+    K = constraints(problem, params).shape[0]
+    H = jax.jit(_constraint_grads, static_argnums=2)(problem, flat, unravel, jnp.arange(K))
+    return np.asarray(H), unravel
+
+
+def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMReference:
+    """The hard-margin SVM that the theory says a trajectory's direction approaches.
+
+    ``kind="linear"``: the SVM on the raw inputs (no bias; multi-class: the constraints
+    (w_y - w_j)·x_n >= 1 of Appendix F) — the exact limit for linear models, for the
+    end-to-end predictor of fully connected deep linear networks, and for the linear (odd)
+    part of two-layer (leaky) ReLU networks on symmetric separable data. Compare it with
+    ``linear_predictor(problem, params)``; ``solution`` has ``models.linear``'s layout.
+
+    ``kind="tangent_kernel"``: problem (Q) of Corollary 4.5 / Lemma C.13 at ``params``
+    (a late direction theta_bar): min ||theta||^2 / 2 s.t. <theta, h_k> >= 1 with h_k the
+    autodiff gradients of the constraints at theta_bar, i.e. the SVM with the tangent
+    kernel K(x, x') = <grad Phi_x(theta_bar), grad Phi_x'(theta_bar)>. For a smooth model,
+    a KKT direction of (P) is exactly this SVM's direction (compare with ``angle``).
+    """
+    if kind == "linear":
+        X = problem.X.reshape(problem.n, -1)
+        lin = Problem(X, problem.y, _linear_model(X.shape[1], problem.model.n_outputs),
+                      problem.loss)
+        H, _ = _constraint_jacobian(lin, lin.model.init(jax.random.PRNGKey(0)))
+    elif kind == "tangent_kernel":
+        if params is None:
+            raise ValueError("svm_reference(kind='tangent_kernel') needs params: the "
+                             "direction theta_bar whose tangent kernel defines the SVM")
+        H, _ = _constraint_jacobian(problem, params)
+    else:
+        raise ValueError(f"kind must be 'linear' or 'tangent_kernel', got {kind!r}")
+    w, alpha = least_distance(H)
+    norm = float(np.linalg.norm(w))
+    return SVMReference(w, w / norm, 1.0 / norm, alpha, kind)
+
+
+def _linear_model(dim, n_outputs):
+    from .models import linear
+    return linear(dim, n_outputs)
+
+
+def linear_predictor(problem: Problem, params) -> np.ndarray:
+    """The end-to-end linear predictor w with (Phi(x) - Phi(-x)) / 2 = w·x, flattened in
+    ``models.linear``'s layout ((d,) binary, (d, C) ravelled for C classes): the product
+    of the layers of a deep linear network, w itself for a linear model, and
+    (1 + slope)/2 sum_j a_j w_j for a two-layer (leaky) ReLU network (its odd part is linear).
+    Raises ValueError when the odd part is not linear (measured at two data points)."""
+    X = problem.X
+
+    def odd(x):
+        return (problem.model.apply(params, x[None]) - problem.model.apply(params, -x[None]))[0] / 2
+
+    J = jax.jacrev(odd)
+    a, b = np.asarray(J(X[0])), np.asarray(J(X[-1]))
+    if not np.allclose(a, b, rtol=1e-8, atol=1e-12 * np.abs(a).max()):
+        raise ValueError(f"model {problem.model.name!r}: its odd part (Phi(x) - Phi(-x))/2 is "
+                         "not linear in x, so it has no end-to-end linear predictor")
+    return a.reshape(-1) if a.ndim == X.ndim - 1 else a.reshape(a.shape[0], -1).T.ravel()
+
+
+def angle(a, b) -> float:
+    """The angle (radians) between two vectors or parameter pytrees, accurate near 0."""
+    a = np.ravel(ravel_pytree(a)[0]) if not isinstance(a, np.ndarray) else a.ravel()
+    b = np.ravel(ravel_pytree(b)[0]) if not isinstance(b, np.ndarray) else b.ravel()
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    return float(2 * np.arctan2(np.linalg.norm(a - b), np.linalg.norm(a + b)))
+
+
+# --- the KKT point a run is heading to ---------------------------------------------------
+
+class Polished(NamedTuple):
+    params: object            # a feasible point of (P) (q_min = 1), the polished KKT point
+    normalized_margin: float  # its gamma_bar = q_min / rho^L
+    start_margin: float       # gamma_bar of the direction it started from
+    distance: float           # angle (radians) between the start direction and the polished one
+    eps: float                # its KKT residual (Definition C.6) ...
+    delta: float
+    multipliers: np.ndarray   # ... and multipliers, on the constraints ``index``
+    index: np.ndarray
+    n_active: int             # constraints with multiplier > 1e-8 max
+    success: bool
+    message: str
+
+
+def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 100,
+               rtol: float = 1e-13) -> Polished:
+    """Solve (P) locally from a late direction, to find the KKT point the run is heading to.
+
+    Sequential linearization (an SQP whose QP keeps the objective's exact Hessian I and
+    drops the constraints' curvature): from a feasible theta (q_min = 1; first
+    theta~ = theta / q_min^{1/L}), solve the least-distance program
+    min ||theta'|| s.t. c_k(theta) + <h_k, theta' - theta> >= 1 over the constraints with
+    c_k <= (1 + ``slack``) q_min (``least_distance``, i.e. SciPy's NNLS), then move toward
+    theta' with a backtracking line search that accepts only a larger normalized margin
+    q_min / rho^L after rescaling to q_min = 1 — so every iterate is feasible and the
+    margin never decreases. Stops when a full step gains less than ``rtol`` (relative) or
+    after ``max_iter`` steps. A fixed point is a KKT point of (P) (the subproblem's
+    multipliers are then (P)'s); its residual is reported from ``kkt_residual``. Gradients
+    are the autodiff selection, so at ReLU kinks read ``eps`` before trusting the point."""
+    L = problem.order
+    c0 = np.asarray(constraints(problem, params))
+    if not c0.min() > 0:
+        raise ValueError(f"polish_kkt needs a separating direction (q_min > 0); got q_min = "
+                         f"{c0.min():.6g}")
+    flat0, unravel = ravel_pytree(params)
+    c_fun = jax.jit(lambda z: constraints(problem, unravel(z)))
+    grads = jax.jit(_constraint_grads, static_argnums=2)
+
+    def feasible(z):  # rescaled to q_min = 1, and its normalized margin
+        q = float(np.min(np.asarray(c_fun(jnp.asarray(z)))))
+        if not q > 0:
+            return None, -np.inf
+        z = z * q ** (-1.0 / L)
+        return z, float(np.linalg.norm(z)) ** (-L)
+
+    x, margin = feasible(np.asarray(flat0, np.float64))
+    start_margin, message, it = margin, f"stopped after max_iter = {max_iter} steps", 0
+    for it in range(1, max_iter + 1):
+        c = np.asarray(c_fun(jnp.asarray(x)))
+        S = np.nonzero(c <= (1.0 + slack) * c.min())[0]
+        J = np.asarray(grads(problem, jnp.asarray(x), unravel, jnp.asarray(S)))
+        target, _ = least_distance(J, 1.0 - c[S] + J @ x)
+        alpha, gained = 1.0, False
+        while alpha > 1e-10:
+            z, m = feasible(x + alpha * (target - x))
+            if m > margin:
+                gained = True
+                break
+            alpha *= 0.5
+        if not gained:
+            message = f"converged: no step along the linearized solution raises the margin"
+            break
+        x, margin, old = z, m, margin
+        if m - old <= rtol * m and alpha == 1.0:
+            message = f"converged: a full step gained {m / old - 1:.2g} (relative) < rtol"
+            break
+    theta = unravel(jnp.asarray(x))
+    r = kkt_residual(problem, theta)
+    lam = np.asarray(r.lam)
+    return Polished(theta, margin, start_margin, angle(np.asarray(flat0), x), float(r.eps),
+                    float(r.delta), lam, np.asarray(r.index),
+                    int(np.sum(lam > 1e-8 * np.nanmax(lam))), message.startswith("converged"),
+                    f"{message} ({it} steps)")
+
+
+# --- convergence report -------------------------------------------------------------------
+
+_REPORT_COLUMNS = ("log_T", "log_loss", "one_minus_beta", "kkt_eps", "kkt_delta",
+                   "normalized_margin", "margin_gap", "path_length")
+
+
+def convergence_report(problem: Problem, trajectory, polished: Polished | None = None,
+                       decades: int = 4, polish: bool = True) -> dict:
+    """How far a run has converged: for the saved points after t0 in the last ``decades``
+    decades of log T (T = t for flow, sum eta for descent), eps and delta (the
+    Trajectory's ``kkt_eps``/``kkt_delta``, or computed from its snapshots), 1 - beta, the
+    normalized margin and its gap to the polished KKT point (``polish_kkt`` from the saved
+    direction of largest normalized margin in the last decade, unless ``polished`` is
+    given or ``polish=False``), and the path length of
+    theta^ (sum of ||theta^_i - theta^_{i-1}|| between saved points). ``verdict`` compares
+    the path length of theta^ over the last decade of log T with the one before: a
+    converging direction moves less and less; one that keeps moving (the Mexican hat of
+    Appendix I) is reported as not converged."""
+    cols = trajectory.columns
+    after = np.nonzero(cols["separated"].astype(bool) & np.isfinite(cols["log_T"])
+                       & (cols["log_T"] > 0))[0]
+    if after.size == 0:
+        raise ValueError("no saved point after separation with log T > 0: nothing to report")
+    snaps = trajectory.snapshots
+    have_snaps = snaps is not None and len(jax.tree_util.tree_leaves(snaps)) > 0
+    dirs = None
+    if have_snaps:
+        flat = np.stack([np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda a: a[i], snaps))[0])
+                         for i in after])
+        dirs = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    if "kkt_eps" in cols:
+        eps, delta = cols["kkt_eps"][after], cols["kkt_delta"][after]
+    elif have_snaps:
+        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[after]), snaps)
+        r = jax.jit(jax.vmap(kkt_residual, (None, 0)))(problem, batch)
+        eps, delta = np.asarray(r.eps), np.asarray(r.delta)
+    else:
+        eps = delta = np.full(after.size, np.nan)
+    gamma = cols["normalized_margin"][after]
+    if polished is None and polish and have_snaps:
+        # start from the best late direction: gamma_bar need not be monotone (descent)
+        late = np.nonzero(np.log10(cols["log_T"][after]) >= np.log10(cols["log_T"][after[-1]]) - 1)[0]
+        best = after[late[np.nanargmax(gamma[late])]]
+        polished = polish_kkt(problem, jax.tree_util.tree_map(lambda a: a[best], snaps))
+    path = np.full(after.size, np.nan)
+    if dirs is not None:
+        path[1:] = np.linalg.norm(np.diff(dirs, axis=0), axis=1)
+    log10_log_T = np.log10(cols["log_T"][after])
+    top = log10_log_T[-1]
+    keep = log10_log_T >= top - decades
+    rows = {
+        "log_T": cols["log_T"][after][keep],
+        "log_loss": cols["log_loss"][after][keep],
+        "one_minus_beta": 1.0 - cols["beta"][after][keep],
+        "kkt_eps": eps[keep], "kkt_delta": delta[keep],
+        "normalized_margin": gamma[keep],
+        "margin_gap": (polished.normalized_margin - gamma[keep]) if polished else
+        np.full(keep.sum(), np.nan),
+        "path_length": path[keep],
+    }
+    last = np.nansum(path[log10_log_T > top - 1])
+    before = np.nansum(path[(log10_log_T > top - 2) & (log10_log_T <= top - 1)])
+    if dirs is None:
+        verdict = "unknown: the trajectory has no snapshots, so theta^'s path is not known"
+    elif last < before:
+        verdict = (f"converging: theta^ moved {last:.3g} over the last decade of log T, "
+                   f"less than the {before:.3g} of the decade before")
+    else:
+        verdict = (f"not converged: theta^ moved {last:.3g} over the last decade of log T, "
+                   f"no less than the {before:.3g} of the decade before; no limit direction "
+                   f"is claimed")
+    return {"rows": rows, "polished": polished, "path_last_decade": float(last),
+            "path_previous_decade": float(before), "verdict": verdict,
+            "max_normalized_margin_seen": float(np.nanmax(gamma))}
+
+
+def format_report(report: dict, max_rows: int = 12) -> str:
+    """The report as a markdown table (at most ``max_rows`` rows, evenly thinned)."""
+    rows = report["rows"]
+    n = len(rows["log_T"])
+    pick = np.unique(np.linspace(0, n - 1, min(n, max_rows)).round().astype(int))
+    head = "| " + " | ".join(_REPORT_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(_REPORT_COLUMNS)]
+    for i in pick:
+        lines.append("| " + " | ".join(f"{rows[k][i]:.4g}" for k in _REPORT_COLUMNS) + " |")
+    p = report["polished"]
+    if p is not None:
+        lines.append("")
+        lines.append(f"polished KKT point: normalized margin {p.normalized_margin:.10g} "
+                     f"(max seen on the trajectory {report['max_normalized_margin_seen']:.10g}), "
+                     f"eps {p.eps:.3g}, delta {p.delta:.3g}, {p.n_active} active constraints, "
+                     f"angle to its start {p.distance:.3g} rad; polish: {p.message}")
+    lines.append(f"direction: {report['verdict']}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path) -> None:
+    """eps, delta, 1 - beta, the margin gap and the path length against log T (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, label in [("kkt_eps", "ε (KKT)"), ("kkt_delta", "δ (KKT)"),
+                     ("one_minus_beta", "1 − β"), ("margin_gap", "γ̄* − γ̄"),
+                     ("path_length", "‖Δθ̂‖ per saved step")]:
+        v = np.asarray(rows[k], float)
+        ok = np.isfinite(v) & (v > 0)
+        if ok.any():
+            ax.loglog(rows["log_T"][ok], v[ok], ".-", label=label)
+    ax.set_xlabel("log T")
+    ax.set_title("convergence to a KKT point of (P)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -13,6 +13,7 @@ sum_j exp(-s_nj).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,10 @@ class Loss:
     f: Callable[[jax.Array], jax.Array]
     g: Callable[[jax.Array], jax.Array]
     b_f: float = 0.0
+    # (B3.4)'s constants: g'(x) <= K g'(theta x), f'(y) <= K f'(theta y) for x > b_g,
+    # theta in [1/2, 1); Lemma C.8's delta needs them (NaN: not known for this loss)
+    K: float = math.nan
+    b_g: float = math.nan
 
     def log_loss(self, q: jax.Array) -> jax.Array:
         """log L = LSE_n(-f(q_n)) for per-point (loss) margins q."""
@@ -57,7 +62,7 @@ def _exp_f(q):
 
 def exponential() -> Loss:
     """l(q) = e^{-q}: f = g = identity, b_f = 0, threshold l(b_f) = 1 (Remark A.1)."""
-    return Loss("exponential", _exp_f, _exp_f, 0.0)
+    return Loss("exponential", _exp_f, _exp_f, 0.0, K=1.0, b_g=0.0)
 
 
 def logistic_f(q):
@@ -86,14 +91,21 @@ def logistic_g(x):
     return jnp.where(big, tail, jnp.where(huge, -z_huge - jnp.log1p(-jnp.exp(-z_huge)), mid))
 
 
+# (B3.4) for the logistic loss: f' increases on [0, inf) from f'(0) = 1/(2 log 2) to 1, so
+# f'(y)/f'(theta y) <= 2 log 2, and g' = 1/f'(g) decreases, so g'(x)/g'(theta x) <= 1;
+# b_g = max(2 f(0), f(0)) = 2 f(0) (tested in test_losses).
+_LOGISTIC_K = 2.0 * math.log(2.0)
+_LOGISTIC_BG = -2.0 * math.log(math.log(2.0))
+
+
 def logistic() -> Loss:
     """l(q) = log(1 + e^{-q}), b_f = 0, threshold log 2 (Remark A.2)."""
-    return Loss("logistic", logistic_f, logistic_g, 0.0)
+    return Loss("logistic", logistic_f, logistic_g, 0.0, K=_LOGISTIC_K, b_g=_LOGISTIC_BG)
 
 
 def cross_entropy() -> Loss:
     """Softmax cross-entropy: the logistic loss of q~_n (Appendix F); threshold log 2."""
-    return Loss("cross_entropy", logistic_f, logistic_g, 0.0)
+    return Loss("cross_entropy", logistic_f, logistic_g, 0.0, K=_LOGISTIC_K, b_g=_LOGISTIC_BG)
 
 
 def _bisect_inverse(f, b_f: float, iters: int = 200):
