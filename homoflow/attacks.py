@@ -67,7 +67,7 @@ def _bisect(margin, x, x_adv, found, iters):
         return jnp.where(bad, lo, mid), jnp.where(bad, mid, hi)
 
     n = x.shape[0]
-    lo, hi = jax.lax.fori_loop(0, iters, halve, (jnp.zeros(n), jnp.ones(n)))
+    _, hi = jax.lax.fori_loop(0, iters, halve, (jnp.zeros(n), jnp.ones(n)))
     hi = jnp.where(found, hi, 1.0)
     return x + _bcast(hi, x) * d
 

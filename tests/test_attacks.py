@@ -73,7 +73,7 @@ def small_cnn():
 
 
 def test_lipschitz_bound_dominates_every_observed_difference_quotient(small_cnn):
-    model, params, X, y = small_cnn
+    model, params, X, _ = small_cnn
     K, W_out = attacks.lipschitz_factors(model, params)
     keys = jax.random.split(jax.random.PRNGKey(6), 2)
     X2 = X + 0.3 * jax.random.normal(keys[0], X.shape)
