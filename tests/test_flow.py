@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hard_margin_svm
 
 import homoflow
 from homoflow import data, losses, models, schedules
 from homoflow.flow import align, flow, polar_rates
+from homoflow.kkt import convergence_report
 from homoflow.problem import make_problem
-
-from conftest import hard_margin_svm
 
 
 def _linear_problem(model):
@@ -152,6 +152,11 @@ def test_mexican_hat_flow_keeps_psi_zero_while_the_direction_keeps_moving():
     psi = (phi - 1 / (1 - r ** 2) + np.pi) % (2 * np.pi) - np.pi
     assert np.abs(psi).max() <= 1e-6
     assert np.all(np.diff(r) > 0) and np.all(np.diff(phi) > 0)  # spiralling outwards
+    # the convergence report does not claim a limit direction (measured path-length ratio
+    # between the last two decades of log t: 0.95), while for a linear model it does (0.12)
+    report = convergence_report(prob, traj, polish=False)
+    assert report["verdict"].startswith("not converged")
+    assert report["path_last_decade"] > 0.5 * report["path_previous_decade"]
 
 
 def test_flow_on_data_that_never_separate_stops_at_the_time_limit_and_says_so():

@@ -3,16 +3,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
-
-from homoflow import data, losses, models
-from homoflow.flow import flow
-from homoflow import descent, schedules
-from homoflow.kkt import (angle, constraints, convergence_report, format_report, kkt_residual,
-                          lemma_c8_pair, linear_predictor, nnls, nnls_gram, polish_kkt,
-                          svm_reference)
-from homoflow.problem import make_problem
-
 from conftest import hard_margin_svm
+
+from homoflow import data, descent, losses, models, schedules
+from homoflow.flow import flow
+from homoflow.kkt import (
+    angle,
+    constraints,
+    convergence_report,
+    format_report,
+    kkt_residual,
+    lemma_c8_pair,
+    linear_predictor,
+    nnls,
+    nnls_gram,
+    polish_kkt,
+    svm_reference,
+)
+from homoflow.problem import make_problem
 
 
 def _instances(count=40, seed=0):
@@ -175,6 +183,7 @@ def test_linear_flow_direction_approaches_the_svm_reference_like_one_over_log_t(
     assert -1.15 <= slope <= -0.85   # angle ~ 1/log t
     assert np.all(np.diff(traj["kkt_eps"][late]) < 0) and traj["kkt_eps"][late][-1] < 1e-4
     assert traj["kkt_delta"][late][-1] < 1e-3 * traj["kkt_delta"][late][0]
+    assert convergence_report(prob, traj, polish=False)["verdict"].startswith("converging")
 
 
 def test_deep_linear_end_to_end_predictor_is_the_product_of_layers():
