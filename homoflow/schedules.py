@@ -200,7 +200,9 @@ def estimate_smoothness_constants(problem: Problem, key, n_directions: int = 64,
 
         def power(_, v):
             w = hvp(v)
-            return jax.tree_util.tree_map(lambda x: x / global_norm(w), w)
+            nrm = global_norm(w)
+            # a zero Hessian (e.g. a point where every unit is inactive) stays zero, not NaN
+            return jax.tree_util.tree_map(lambda x: x / jnp.where(nrm > 0, nrm, 1.0), w)
 
         v = jax.lax.fori_loop(0, power_iterations, power, v)
         return global_norm(grad), global_norm(hvp(v))

@@ -120,6 +120,16 @@ def test_descent_margin_never_decreases_at_the_h_bound_for_a_smooth_model():
     assert g[-1] > g[0]
 
 
+def test_smoothness_estimate_is_finite_where_some_margin_has_a_zero_hessian():
+    """A data point at the origin has q_n = 0 for every theta (zero Hessian): the power
+    iteration must report 0 for it, not 0/0 = NaN, so B2 stays finite."""
+    X = np.array([[1.0, 0.5], [0.0, 0.0], [-1.0, 0.3]])
+    model = models.mlp((2, 4, 1), models.relu_power(3))
+    prob = make_problem(model, losses.exponential(), X, np.array([1.0, 1.0, -1.0]))
+    B = schedules.estimate_smoothness_constants(prob, jax.random.PRNGKey(0), n_directions=4)
+    assert all(np.isfinite(B[k]) and B[k] > 0 for k in ("B0", "B1", "B2"))
+
+
 def test_descent_margin_never_decreases_with_a_small_constant_step_for_a_smooth_model():
     prob, params0 = _smooth_problem()
     traj = homoflow.descent(prob, params0, schedules.constant(0.01), 5000, progress=False)
