@@ -178,9 +178,11 @@ def initial_state(problem: Problem, params0, policy: Policy, policy_state, key,
         grad0 = ()
     nan = jnp.full_like(log_loss0, jnp.nan)
     past = log_loss0 < log_t0
-    t0 = jax.lax.cond(past, lambda: T0Info.at(log_loss0, jnp.log(global_norm(params0)),
-                                              problem.order),
-                      lambda: T0Info(nan, nan, nan))
+    at = lambda: T0Info.at(log_loss0, jnp.log(global_norm(params0)), problem.order)
+    if isinstance(past, jax.core.Tracer):  # traced (the sweep): a cond
+        t0 = jax.lax.cond(past, at, lambda: T0Info(nan, nan, nan))
+    else:  # eager (descent): an eager cond would compile at every call
+        t0 = at() if bool(past) else T0Info(nan, nan, nan)
     return DescentState(
         params=params0, log_loss=log_loss0, grad=grad0, min_log_loss=log_loss0,
         step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
