@@ -11,8 +11,10 @@ d = 10, exponential loss), both measured in the same run with the same budget:
   of steps), until the budget is spent. Its vector field is exp(log L) grad log L, which
   underflows to exactly 0 once L < 1e-308 (log t ~ 700): the plain solve cannot pass that.
 
-Prints the largest log t each reached, their ratio, and homoflow's solver steps and wall
-time per decade of log t; writes ``benchmarks/results/flow_reach.json``.
+Prints the largest log t each reached, their ratio, homoflow's solver steps and wall time
+per decade of log t, and an audit of issue 3's checks on homoflow's run (gamma_tilde
+monotone; Lemma C.9 by the autodiff beta and by the path's own chords); writes
+``benchmarks/results/flow_reach.json``.
 
     python benchmarks/flow_reach.py [--budget 120]
 """
@@ -88,7 +90,28 @@ def homoflow_reach(problem, params0, budget: float) -> dict:
                             "wall_s": float(wall[i1] - wall[i0])})
     return {"log_t": float(lt[-1]), "steps": int(steps[-1]), "log_loss": float(c["log_loss"][-1]),
             "one_minus_beta": float(1 - c["beta"][-1]), "wall_s": time.perf_counter() - start,
-            "status": traj.status, "decades": decades}
+            "status": traj.status, "decades": decades, "checks": audit(traj, problem.order)}
+
+
+def audit(traj, L: float) -> dict:
+    """Issue 3's checks on every window between saved points after t0: gamma_tilde
+    non-decreasing (relative 1e-10), and Lemma C.9 with the left side from the autodiff beta
+    (trapezoid) and from the simulated path's chords (``path_energy``); for each, the number
+    of violating windows and the first log t where one ends."""
+    c = traj.columns
+    i = np.nonzero((c["phase"] == 2) & c["separated"].astype(bool))[0]
+    i = np.concatenate([[i[0] - 1], i])   # from the t0 record (path_energy = 0 there)
+    g, b, tau, lt = (c[k][i] for k in ("smoothed_margin", "beta", "log_rho", "log_T"))
+    energy = np.nan_to_num(c["path_energy"][i], nan=0.0)
+    rhs = np.log(g[1:] / g[:-1]) / L
+    lhs_beta = 0.5 * ((b[1:] ** -2 - 1) + (b[:-1] ** -2 - 1)) * np.diff(tau)
+    out = {"windows": int(len(rhs))}
+    for name, bad in (("gamma_tilde_decreases", g[1:] < g[:-1] * (1 - 1e-10)),
+                      ("lemma_c9_autodiff_beta", lhs_beta > rhs),
+                      ("lemma_c9_path_energy", np.diff(energy) > rhs)):
+        out[name] = {"violations": int(bad.sum()),
+                     "first_log_t": float(lt[1:][bad][0]) if bad.any() else None}
+    return out
 
 
 def main(argv=None) -> int:
@@ -109,6 +132,12 @@ def main(argv=None) -> int:
     print(f"ratio of log t reached (homoflow / plain): {ratio:.4g}")
     for d in hf["decades"]:
         print(f"  log t in {d['decade']:>10}: {d['steps']:>7} steps, {d['wall_s']:7.2f} s")
+    checks = hf["checks"]
+    print(f"checks over {checks['windows']} windows between saved points after t0:")
+    for k in ("gamma_tilde_decreases", "lemma_c9_autodiff_beta", "lemma_c9_path_energy"):
+        v = checks[k]
+        print(f"  {k:>24}: {v['violations']} violations"
+              + (f", first at log t = {v['first_log_t']:.4g}" if v["violations"] else ""))
     write_report({"budget_s": args.budget, "homoflow": hf, "plain": plain, "ratio_log_t": ratio},
                  args.out, "flow_reach.py", sys.argv[1:] if argv is None else argv)
     return 0

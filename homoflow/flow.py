@@ -75,6 +75,10 @@ class PolarState(NamedTuple):
     steps: jax.Array      # accepted steps
     rejected: jax.Array
     status: jax.Array
+    # sum over accepted steps of ||x_new - x||^2 / h: the simulated path's own estimate of
+    # int ||d theta_hat / d tau||^2 d tau = int (beta^-2 - 1) d tau (Lemma C.9), measured
+    # from its chords rather than from the autodiff gradient at the saved states
+    energy: jax.Array
 
 
 def _per_point_neg_log_loss(problem: Problem, params):
@@ -160,7 +164,8 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
     return PolarState(
         x=jnp.where(accepted, x_new, x), tau=jnp.where(accepted, tau + h, tau),
         log_t=jnp.where(accepted, log_t_new, st.log_t), h=h_next, point=pick(new_pt, pt),
-        steps=st.steps + accepted, rejected=st.rejected + (~accepted), status=status)
+        steps=st.steps + accepted, rejected=st.rejected + (~accepted), status=status,
+        energy=st.energy + jnp.where(accepted, jnp.sum((x_new - x) ** 2) / h, 0.0))
 
 
 def _polar_loop(problem: Problem, unravel, st: PolarState, log_t_stop, tau_stop, log_loss_stop,
@@ -179,7 +184,7 @@ def _polar_start(problem: Problem, unravel, flat_t0, log_t0) -> PolarState:
     x0, tau0 = flat_t0 / rho, jnp.log(rho)
     return PolarState(x0, tau0, jnp.asarray(log_t0, jnp.float64), jnp.asarray(1e-3),
                       _field(problem, unravel, x0, tau0), jnp.asarray(0), jnp.asarray(0),
-                      jnp.asarray(OK))
+                      jnp.asarray(OK), jnp.asarray(0.0))
 
 
 def _make_polar_advance(problem: Problem, unravel, rtol, atol, h_max):
@@ -199,9 +204,10 @@ class _Recorder:
         self.rows, self.snaps = [], []
         self._diag = jax.jit(diagnostics)
 
-    def __call__(self, params, log_t, phase, steps, rejected, wall):
+    def __call__(self, params, log_t, phase, steps, rejected, wall, energy=math.nan):
         d = self._diag(self.problem, params)
         row = d.columns()
+        row["path_energy"] = energy
         if self.kkt:
             row.update({k: float(v) for k, v in kkt_columns(self.problem, params).items()})
         row.update(step=int(steps), attempts=int(steps + rejected), log_T=float(log_t),
@@ -254,6 +260,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced values of log t between log t0 and ``log_t_max`` (or of tau when
     only ``tau_max`` is given). Columns are those of ``descent`` (``log_T`` is log t, ``step``
     counts accepted solver steps; tau is ``log_rho``) plus ``phase``, ``rejected``, ``wall_s``,
+    ``path_energy`` (phase 2: sum of ||Delta theta_hat||^2 / Delta tau over accepted steps,
+    the simulated path's int (beta^-2 - 1) d tau since t0, for Lemma C.9's check),
     and (with ``kkt``) ``kkt_eps``/``kkt_delta`` of ``kkt.kkt_residual``.
 
     Data that never separate stop at ``t0_limit`` with status "not_separated" and a
@@ -350,7 +358,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         last_steps = int(st.steps)
         rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2,
             p1["steps"] + int(st.steps), p1["rejected"] + int(st.rejected),
-            time.perf_counter() - start)
+            time.perf_counter() - start, float(st.energy))
         bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps))
         if (status != OK or float(st.log_t) >= lt_max or float(st.tau) >= tau_stop
                 or float(st.point.log_loss) <= ll_stop):
@@ -410,7 +418,8 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         def save(st, mark):
             st = _polar_loop(problem, unravel, st, mark, jnp.inf, -jnp.inf, max_steps,
                              polar_rtol, polar_atol, h_max)
-            return st, (jnp.exp(st.tau) * st.x, st.log_t, st.steps, st.rejected, st.status)
+            return st, (jnp.exp(st.tau) * st.x, st.log_t, st.steps, st.rejected, st.status,
+                        st.energy)
 
         _, saved = jax.lax.scan(save, st, marks)
         return t0, flat_t0, sol.stats["num_accepted_steps"], saved
@@ -425,6 +434,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
                                 np.asarray(saved[1][b])])
         steps = np.concatenate([[0], np.asarray(saved[2][b])])
         rejected = np.concatenate([[0], np.asarray(saved[3][b])])
+        energy = np.concatenate([[0.0], np.asarray(saved[5][b])])
         keep = np.concatenate([[True], np.diff(steps) > 0])  # drop marks passed in one step
         params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
         d = diag(problem, params)
@@ -433,7 +443,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         columns.update(step=steps[keep], attempts=steps[keep] + rejected[keep],
                        log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
                        separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),
-                       rejected=rejected[keep])
+                       rejected=rejected[keep], path_energy=energy[keep])
         status = int(np.asarray(saved[4][b])[-1])
         meta = {"engine": "flow_batch", "model": problem.model.name, "order": problem.order,
                 "loss": problem.loss.name, "n": problem.n, "seed_index": b,

@@ -76,7 +76,8 @@ def test_smoothed_margin_never_decreases_and_lemma_c9_holds_after_t0(which, line
                                                                      deep_linear_flow):
     """Theorem 4.1 (gamma_tilde non-decreasing, relative tolerance 1e-10) and Lemma C.9:
     int (beta^-2 - 1) dlog rho <= (1/L) log(gamma_tilde(t2) / gamma_tilde(t1)) on every window
-    between saved points (trapezoid rule for the left side)."""
+    between saved points, the left side both by the trapezoid rule on the autodiff beta and
+    from the simulated path's own chords (the ``path_energy`` column)."""
     prob, traj = (linear_flow[0], linear_flow[3]) if which == "linear" else deep_linear_flow
     c = traj.columns
     after = (c["phase"] == 2) & c["separated"].astype(bool)
@@ -86,6 +87,8 @@ def test_smoothed_margin_never_decreases_and_lemma_c9_holds_after_t0(which, line
     lhs = 0.5 * ((b[1:] ** -2 - 1) + (b[:-1] ** -2 - 1)) * np.diff(tau)
     rhs = np.log(g[1:] / g[:-1]) / prob.order
     assert np.all(lhs <= rhs)
+    energy = c["path_energy"][after]
+    assert np.all(np.isfinite(energy)) and np.all(np.diff(energy) <= rhs)
 
 
 def test_lemma_5_1_and_the_speed_identity_hold_at_saved_points(linear_flow, deep_linear_flow):
