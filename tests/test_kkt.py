@@ -1,4 +1,5 @@
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -235,3 +236,24 @@ def test_tangent_kernel_svm_direction_matches_the_late_flow_direction_of_a_smoot
     assert pol.normalized_margin >= np.nanmax(traj["normalized_margin"]) - 1e-9
     at_kkt = svm_reference(prob, pol.params, kind="tangent_kernel")
     assert angle(at_kkt.solution, pol.params) < 1e-6
+
+
+def test_multiclass_multi_homogeneous_cnn_residuals_are_certificates_and_shrink():
+    """A bias-first CNN (multi-homogeneous) with cross-entropy: along a descent run the pair
+    is finite once separated, never worse than lambda = 0 (eps^2 + delta^2 <= ||theta~||^2),
+    and smaller at the end than at separation."""
+    X, y = data.gaussian_classes(24, 32, 3, seed=4)
+    model = models.cnn((4, 4, 2), channels=(3,), hidden=6, n_outputs=3, bias_first=True)
+    prob = make_problem(model, losses.cross_entropy(), X.reshape(24, 4, 4, 2), y)
+    traj = descent(prob, model.init(jax.random.PRNGKey(0)), schedules.loss_based(), 400,
+                   n_records=12, progress=False)
+    sep = np.nonzero(np.asarray([np.min(np.asarray(constraints(prob, jax.tree_util.tree_map(
+        lambda a: a[i], traj.snapshots)))) > 0 for i in range(len(traj))]))[0]
+    assert len(sep) >= 3
+    for i in sep:
+        theta = jax.tree_util.tree_map(lambda a: a[i], traj.snapshots)
+        q_min = np.min(np.asarray(constraints(prob, theta)))
+        norm_t = np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(theta)[0])) \
+            * q_min ** (-1 / prob.order)
+        assert np.hypot(traj["kkt_eps"][i], traj["kkt_delta"][i]) <= norm_t * (1 + 1e-12)
+    assert traj["kkt_eps"][sep[-1]] < traj["kkt_eps"][sep[0]]
