@@ -26,35 +26,21 @@ from jax.flatten_util import ravel_pytree
 from .problem import Problem
 
 
-def nnls(A: jax.Array, b: jax.Array, tol: float | None = None,
-         max_iter: int | None = None) -> jax.Array:
-    """min ||A x - b||_2 s.t. x >= 0 by Lawson and Hanson's active-set method (1974, ch. 23),
-    written with masks so that it is jittable and vmappable.
+def _lawson_hanson(n: int, dtype, passive_solve, dual, tol, max_iter: int) -> jax.Array:
+    """Lawson and Hanson's active-set NNLS (1974, ch. 23) with masks, jittable and vmappable.
 
-    Columns enter the passive set one at a time (largest dual w = A^T (b - A x) first);
-    each inner step solves the unconstrained least squares on the passive set
-    (``jnp.linalg.lstsq``: minimum-norm, so duplicate or zero columns are harmless) and moves
-    back to the feasible boundary when it leaves x >= 0. ``tol`` defaults to
-    10 eps max(A.shape) ||A||_1 (as SciPy's ``nnls``).
-    """
-    m, n = A.shape
-    tol = 10 * jnp.finfo(A.dtype).eps * max(m, n) * jnp.max(jnp.sum(jnp.abs(A), axis=0)) \
-        if tol is None else tol
-    max_iter = 3 * n if max_iter is None else max_iter
-
-    def passive_lstsq(P):
-        z = jnp.linalg.lstsq(A * P[None, :], b)[0]
-        return jnp.where(P, z, 0.0)
-
+    Columns enter the passive set P one at a time (largest dual w = A^T (b - A x) first,
+    ``dual(x)``); each inner step solves the unconstrained least squares on P
+    (``passive_solve(P)``, zero off P) and moves back to the feasible boundary when that
+    solution leaves x >= 0."""
     def inner(carry):
         x, P, z, it = carry
         neg = P & (z <= 0)
         ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
-        alpha = jnp.min(ratio)
-        x = x + alpha * (z - x)
+        x = x + jnp.min(ratio) * (z - x)
         P = P & (x > tol)
         x = jnp.where(P, x, 0.0)
-        return x, P, passive_lstsq(P), it + 1
+        return x, P, passive_solve(P), it + 1
 
     def inner_cond(carry):
         _, P, z, it = carry
@@ -62,28 +48,41 @@ def nnls(A: jax.Array, b: jax.Array, tol: float | None = None,
 
     def outer(carry):
         x, P, it = carry
-        w = A.T @ (b - A @ x)
-        j = jnp.argmax(jnp.where(P, -jnp.inf, w))
+        j = jnp.argmax(jnp.where(P, -jnp.inf, dual(x)))
         P = P.at[j].set(True)
-        x, P, z, it = jax.lax.while_loop(inner_cond, inner, (x, P, passive_lstsq(P), it))
+        x, P, z, it = jax.lax.while_loop(inner_cond, inner, (x, P, passive_solve(P), it))
         return jnp.where(P, z, 0.0), P, it + 1
 
     def outer_cond(carry):
         x, P, it = carry
-        w = A.T @ (b - A @ x)
-        return jnp.any(~P & (w > tol)) & (it < max_iter)
+        return jnp.any(~P & (dual(x) > tol)) & (it < max_iter)
 
-    x0 = jnp.zeros(n, A.dtype)
+    x0 = jnp.zeros(n, dtype)
     x, _, _ = jax.lax.while_loop(outer_cond, outer, (x0, jnp.zeros(n, bool), 0))
     return x
 
+
+def nnls(A: jax.Array, b: jax.Array, tol: float | None = None,
+         max_iter: int | None = None) -> jax.Array:
+    """min ||A x - b||_2 s.t. x >= 0 (Lawson-Hanson, jittable and vmappable). Each passive
+    solve is ``jnp.linalg.lstsq`` (minimum-norm, so duplicate or zero columns are harmless).
+    ``tol`` defaults to 10 eps max(A.shape) ||A||_1 (as SciPy's ``nnls``)."""
+    m, n = A.shape
+    tol = 10 * jnp.finfo(A.dtype).eps * max(m, n) * jnp.max(jnp.sum(jnp.abs(A), axis=0)) \
+        if tol is None else tol
+
+    def passive_lstsq(P):
+        return jnp.where(P, jnp.linalg.lstsq(A * P[None, :], b)[0], 0.0)
+
+    return _lawson_hanson(n, A.dtype, passive_lstsq, lambda x: A.T @ (b - A @ x), tol,
+                          3 * n if max_iter is None else max_iter)
 
 
 def nnls_gram(G: jax.Array, g: jax.Array, b_norm=1.0, tol: float | None = None,
               max_iter: int | None = None) -> jax.Array:
     """``nnls`` from the normal equations: min_x>=0 ||A x - b|| given only G = A^T A and
     g = A^T b (and ||b||, for the tolerance). The same Lawson-Hanson iteration, each passive
-    solve a K x K minimum-norm least squares on G_PP instead of an m x K one on A_P, so the
+    solve a K x K system on G_PP instead of a least squares on the m x K matrix A_P, so the
     cost no longer depends on m (here m = P, the number of parameters). Conditioning is
     that of G (cond(A)^2): fine for multipliers; compute residuals from A, not from G.
     Each passive solve is a Cholesky factorization (ridge below), ~20x faster than the SVD
@@ -92,51 +91,23 @@ def nnls_gram(G: jax.Array, g: jax.Array, b_norm=1.0, tol: float | None = None,
     col = jnp.sqrt(jnp.maximum(jnp.diag(G), 0.0))
     tol = 10 * jnp.finfo(G.dtype).eps * n * jnp.max(col) * jnp.maximum(b_norm, 1.0) \
         if tol is None else tol
-    max_iter = 3 * n if max_iter is None else max_iter
-
     # A ridge of 1e-13 max G_kk keeps the Cholesky factor finite when passive columns are
-    # duplicate or zero (then it picks a near-minimum-norm solution); its effect on the
-    # multipliers is ~1e-13 relative, far below the tolerances the answers are used at.
+    # duplicate or zero (then it picks a near-minimum-norm solution); two refinement steps
+    # remove its bias wherever G_PP is regular.
     ridge = 1e-13 * jnp.max(jnp.diag(G)) + jnp.finfo(G.dtype).tiny
     eye = jnp.eye(n, dtype=G.dtype)
 
-    def passive_lstsq(P):
-        PP = P[:, None] & P[None, :]
-        G_P = jnp.where(PP, G, 0.0)
+    def passive_cholesky(P):
+        G_P = jnp.where(P[:, None] & P[None, :], G, 0.0)
         factor = jax.scipy.linalg.cho_factor(G_P + jnp.where(P, ridge, 1.0) * eye)
         g_P = jnp.where(P, g, 0.0)
         z = jax.scipy.linalg.cho_solve(factor, g_P)
-        for _ in range(2):  # iterative refinement removes the ridge's bias where G_PP is regular
+        for _ in range(2):
             z = z + jax.scipy.linalg.cho_solve(factor, g_P - G_P @ z)
         return jnp.where(P, z, 0.0)
 
-    def inner(carry):
-        x, P, z, it = carry
-        neg = P & (z <= 0)
-        ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
-        x = x + jnp.min(ratio) * (z - x)
-        P = P & (x > tol)
-        x = jnp.where(P, x, 0.0)
-        return x, P, passive_lstsq(P), it + 1
-
-    def inner_cond(carry):
-        _, P, z, it = carry
-        return jnp.any(P & (z <= 0)) & (it < max_iter)
-
-    def outer(carry):
-        x, P, it = carry
-        j = jnp.argmax(jnp.where(P, -jnp.inf, g - G @ x))
-        P = P.at[j].set(True)
-        x, P, z, it = jax.lax.while_loop(inner_cond, inner, (x, P, passive_lstsq(P), it))
-        return jnp.where(P, z, 0.0), P, it + 1
-
-    def outer_cond(carry):
-        x, P, it = carry
-        return jnp.any(~P & (g - G @ x > tol)) & (it < max_iter)
-
-    x0 = jnp.zeros(n, G.dtype)
-    x, _, _ = jax.lax.while_loop(outer_cond, outer, (x0, jnp.zeros(n, bool), 0))
-    return x
+    return _lawson_hanson(n, G.dtype, passive_cholesky, lambda x: g - G @ x, tol,
+                          3 * n if max_iter is None else max_iter)
 
 
 class KKTResidual(NamedTuple):
