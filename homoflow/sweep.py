@@ -340,7 +340,9 @@ _PROGRAMS: dict = {}
 def _descent_programs(g: _Group, policy, log_t0: float, mesh: Mesh):
     """(init, advance, diagnostics), jitted and sharded, cached per group and mesh: the
     policy's code serves every batch of the group since its values live in the states."""
-    key = (g.key, tuple(d.id for d in mesh.devices.flat))
+    # the run length is not part of the program: one compilation serves every `steps`
+    key = (tuple(kv for kv in g.key if kv[0] not in ("steps", "n_records", "chunk")),
+           tuple(d.id for d in mesh.devices.flat))
     if key not in _PROGRAMS:
         log_div = math.log(float(g.static["divergence_factor"]))
         init = jax.vmap(lambda pb, p, s, k: initial_state(pb, p, policy, s, k, None, log_t0))

@@ -47,6 +47,14 @@ def test_window_keeps_the_last_decades_past_t0():
     assert np.array_equal(np.flatnonzero(m), np.arange(3, 15))   # T > 1 and past t0
 
 
+def test_window_in_decades_of_log_T_for_the_flow():
+    log_T = np.geomspace(1e-2, 1e8, 11)                         # log t = 10^-2 .. 10^8
+    m = theory.window(log_T, decades=6, of="log T")
+    assert np.array_equal(np.flatnonzero(m), np.arange(4, 11))   # log T = 10^2 .. 10^8
+    with pytest.raises(ValueError, match="of must be"):
+        theory.window(log_T, decades=6, of="t")
+
+
 def test_monotonicity_audit_lists_every_violation_after_t0():
     v = np.array([5.0, 1.0, 1.0, 2.0, 1.5, 3.0, 3.0 - 1e-14, 4.0])
     cols = {"descent_margin": v, "step": np.arange(8) * 10, "log_T": np.arange(8.0),
