@@ -427,11 +427,12 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     for row, which in enumerate(("train", "test")):
         for col, eps_max in enumerate((float(eps[-1]), float(eps[-1]) / 5)):
             ax = axes[row, col]
+            grid = np.linspace(0.0, eps_max, 401)  # the radii are exact: plot them finely
             for label, color in zip(labels, colors):
                 v = result["radii"][(label, which)]
-                ax.plot(eps, attacks.robust_accuracy(v["attack"], eps), color=color,
+                ax.plot(grid, attacks.robust_accuracy(v["attack"], grid), color=color,
                         label=f"{label} attack")
-                ax.plot(eps, attacks.robust_accuracy(v["certified"], eps), color=color,
+                ax.plot(grid, attacks.robust_accuracy(v["certified"], grid), color=color,
                         ls="--", label=f"{label} certified")
             ax.set(xlim=(0, eps_max), ylim=(0, 1.01), xlabel="eps (L2)",
                    ylabel=f"robust accuracy ({which})")
