@@ -38,10 +38,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS, write_report  # noqa: E402
+from _report import RESULTS, write_report
 
-import homoflow  # noqa: E402
-from homoflow import data, losses, models, schedules, sweep  # noqa: E402
+import homoflow
+from homoflow import data, losses, models, schedules, sweep
 
 N, DIM, WIDTH = 32, 5, 16
 

@@ -22,20 +22,23 @@ and grid, the sweep computes only the configurations without a file.
 
 Descent reuses the engine's own step (``descent._attempt``) and initial state
 (``descent.initial_state``); gradient flow runs through ``flow.flow_batch`` (vmapped over
-the initialization seeds). Results come back as one tidy ``SweepTable``: one row per
-configuration x recorded point, with the configuration's columns.
+the initialization seeds, on the default device: only descent is sharded). Results come
+back as one tidy ``SweepTable``: one row per configuration x recorded point, with the
+configuration's columns.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +48,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import losses, models, schedules
-from .descent import OK, _STATUS, _attempt, initial_state, record_grid
+from .descent import _STATUS, OK, _attempt, initial_state, record_grid
 from .diagnostics import diagnostics, tree_dot
 from .flow import flow_batch
 from .models import HomogeneityError
@@ -99,8 +102,8 @@ def expand(grid: dict) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown grid keys {unknown}; known: {sorted(DEFAULTS)}")
     axes = {}
-    for k in DEFAULTS:
-        v = grid.get(k, DEFAULTS[k])
+    for k, default in DEFAULTS.items():
+        v = grid.get(k, default)
         v = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
         if not v:
             raise ValueError(f"grid axis {k!r} is an empty list: the grid has no configurations")
@@ -121,7 +124,7 @@ def _check_policy_axes(c: dict, swept: set):
 
 def _static_key(c: dict) -> tuple:
     # a given C_eta and one built from estimated constants are different programs
-    return tuple((k, _name(v)) for k, v in c.items() if k not in VMAPPED) + (
+    return tuple((k, v) for k, v in c.items() if k not in VMAPPED) + (
         ("c_eta_estimated", c["c_eta"] == "estimate"),)
 
 
@@ -491,7 +494,7 @@ class SweepTable:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
 
-    def select(self, **equal) -> "SweepTable":
+    def select(self, **equal) -> SweepTable:
         """Rows whose columns equal the given values, e.g. ``select(depth=2, loss="logistic")``."""
         keep = np.ones(len(self), bool)
         for k, v in equal.items():
@@ -526,7 +529,7 @@ class SweepTable:
         return d
 
     @classmethod
-    def load(cls, directory) -> "SweepTable":
+    def load(cls, directory) -> SweepTable:
         d = Path(directory)
         with np.load(d / "table.npz") as f:
             columns = {k: f[k] for k in f.files}
@@ -624,6 +627,10 @@ def _assemble(configs: list[dict], results: dict, meta: dict) -> SweepTable:
 # ---------------------------------------------------------------------------------------
 
 
+def _show_step(bar, n_configs: int, step: int) -> None:
+    bar.set_postfix(step=step, configs=n_configs)
+
+
 def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
           progress: bool = True, on_config: Callable[[int], None] | None = None) -> SweepTable:
     """Run every configuration of ``grid`` (see ``DEFAULTS`` for the keys) and return the
@@ -647,7 +654,8 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
     out = Path(out) if out is not None else None
     results: dict[int, tuple[dict, dict]] = {}
     if out is not None:
-        _manifest(out, configs) if jax.process_index() == 0 else None
+        if jax.process_index() == 0:
+            _manifest(out, configs)
         for i in range(len(configs)):
             if _config_file(out, i).exists():
                 results[i] = _load_config(out, i)
@@ -666,9 +674,8 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
                 label = (f"group {gi + 1}/{len(todo)}: {_name(g.static['model'])} depth "
                          f"{g.static['depth']} {g.static['loss']} {g.static['engine']}")
                 bar.set_description(label)
-                done = run(g, configs, batch, mesh,
-                           lambda step: bar.set_postfix(step=step, configs=len(batch)),
-                           size=min(max_batch, len(g.ids)))
+                show = functools.partial(_show_step, bar, len(batch))
+                done = run(g, configs, batch, mesh, show, size=min(max_batch, len(g.ids)))
                 for i in batch:
                     results[i] = done[i]
                     computed.append(i)

@@ -20,6 +20,7 @@ every violation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -103,14 +104,14 @@ def fitted_exponent(log_T, log_loss, mask=None) -> dict:
     x = np.log(log_T[keep])
     y = -log_loss[keep] - log_T[keep]
     if len(x) < 3 or np.ptp(x) == 0:
-        return {"exponent": math.nan, "stderr": math.nan, "n": int(len(x)),
+        return {"exponent": math.nan, "stderr": math.nan, "n": len(x),
                 "log_log_T_range": (math.nan, math.nan)}
     A = np.column_stack([x, np.ones_like(x)])
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     resid = y - A @ coef
     dof = max(len(x) - 2, 1)
     se = math.sqrt(float(resid @ resid) / dof / float(np.sum((x - x.mean()) ** 2)))
-    return {"exponent": float(coef[0]), "stderr": se, "n": int(len(x)),
+    return {"exponent": float(coef[0]), "stderr": se, "n": len(x),
             "log_log_T_range": (float(x.min()), float(x.max()))}
 
 
@@ -120,11 +121,12 @@ def monotonicity_audit(columns: Any, name: str, rtol: float = 1e-10) -> list[dic
     before and after, and the relative drop. An empty list means monotone."""
     v = _arr(columns[name])
     keep = np.isfinite(v)
-    if "separated" in columns:
-        keep &= np.asarray(columns["separated"], bool)
+    sep = _optional(columns, "separated")
+    if sep is not None:
+        keep &= np.asarray(sep, bool)
     idx = np.flatnonzero(keep)
     out = []
-    for a, b in zip(idx[:-1], idx[1:]):
+    for a, b in itertools.pairwise(idx):
         if v[b] < v[a] - rtol * abs(v[a]):
             out.append({"index": int(b), "step": _item(columns, "step", b),
                         "log_T": _item(columns, "log_T", b), "before": float(v[a]),
@@ -132,8 +134,17 @@ def monotonicity_audit(columns: Any, name: str, rtol: float = 1e-10) -> list[dic
     return out
 
 
+def _optional(columns, key):
+    """columns[key], or None where there is no such column (dicts, frames, Trajectory)."""
+    try:
+        return columns[key]
+    except (KeyError, IndexError):
+        return None
+
+
 def _item(columns, key, i):
-    return float(np.asarray(columns[key])[i]) if key in columns else None
+    col = _optional(columns, key)
+    return None if col is None else float(np.asarray(col)[i])
 
 
 def audit_margin(columns: Any, engine: str, rtol: float = 1e-10) -> list[dict]:
@@ -154,7 +165,7 @@ def rate_check(columns: Any, L: float, *, decades: float = 6.0, of: str = "T",
     half of the recorded range of log log T (log T >= sqrt(max log T)): the exponent is an
     asymptotic statement and its O(1/log T) corrections bias a fit that starts early."""
     log_T, log_loss = _arr(columns["log_T"]), _arr(columns["log_loss"])
-    sep = columns["separated"] if "separated" in columns else None
+    sep = _optional(columns, "separated")
     after = window(log_T, separated=sep)
     if fit_log_T_min is None and after.any():
         fit_log_T_min = math.sqrt(max(log_T[after].max(), 1.0))

@@ -79,3 +79,42 @@ def test_linear_model_gradient_flow_on_one_point_has_rate_constant_one_over_norm
 def test_bad_order_is_rejected():
     with pytest.raises(ValueError, match="order L must be > 0"):
         theory.loss_exponent(0.0)
+
+
+def test_rates_benchmark_quick_mode_meets_theorem_4_3_on_its_runs(tmp_path):
+    # benchmarks/rates.py --quick (run in CI): L in {1, 2}, deep linear, exponential loss
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rates.py"
+    spec = importlib.util.spec_from_file_location("rates_bench", path)
+    rates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rates)
+    report = rates.main(["--quick", "--out", str(tmp_path)])
+    rows = {(r["L"], r["engine"]): r for r in report["rows"]}
+    assert len(rows) == 6 and all(r["status"] == "completed" for r in rows.values())
+    for L in (1, 2):
+        flow = rows[(L, "flow")]
+        # the log-polar flow reaches log t = 1e4: thousands of decades of T
+        assert flow["decades_T"] > 1000
+        assert abs(flow["fitted_exponent"] - (2 - 2 / L)) <= 0.15
+        assert flow["ratio_spread_last6"] <= 4.0
+        assert flow["monotonicity_violations"] == 0        # gamma_tilde never decreases
+    # steps at the H(L) bound: T grows geometrically once past t0; the ratio is flat
+    hb = rows[(2, "descent_h_bound")]
+    assert hb["decades_T"] >= 8 and hb["ratio_spread_last6"] <= 4.0
+    assert hb["monotonicity_violations"] == 0              # gamma_hat never decreases
+    for name in ("rates_quick.md", "rates_quick.csv", "rates_ratio.png", "rates_exponent.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| model | L | loss | engine |" in (tmp_path / "rates_quick.md").read_text()
+
+
+def test_rate_check_accepts_a_trajectory():
+    from homoflow import Trajectory
+
+    log_T = np.log(10.0) * np.linspace(1, 20, 50)
+    tr = Trajectory({"log_T": log_T, "log_loss": -log_T - np.log(log_T),
+                     "log_rho": np.log(log_T) / 2, "smoothed_margin": np.linspace(0, 1, 50)})
+    rc = theory.rate_check(tr, 2.0)
+    assert rc["fitted_exponent"] == pytest.approx(1.0, abs=1e-10)
+    assert theory.audit_margin(tr, "flow") == []
