@@ -28,6 +28,7 @@ def quick(tmp_path_factory):
 
 def test_quick_experiment_writes_table_records_curves_and_figures(quick):
     for name in ("table1.md", "table1.csv", "robustness.csv", "radii.npz", "summary.json",
+                 "checkpoints.npz",
                  "epochs_no_bias_loss_based.csv", "epochs_bias_constant.csv",
                  "fig1_loss_margin.png", "fig3_4_accuracy_margin_alpha.png",
                  "fig7_accuracy.png", "fig8_robustness.png"):

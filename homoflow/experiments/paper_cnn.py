@@ -39,7 +39,7 @@ import numpy as np
 from .. import attacks, data, losses, models, schedules
 from ..descent import RunStopped, descent
 from ..problem import make_problem
-from ..trajectory import package_versions
+from ..trajectory import _flatten_with_names, package_versions
 
 RUNS = ("no_bias/loss_based", "bias/loss_based", "no_bias/constant", "bias/constant")
 TABLE_RUN = "no_bias/loss_based"
@@ -331,6 +331,7 @@ def run(config: Config = Config(), out=None, progress: bool = True, log=print) -
     result["wall_time_s"] = time.perf_counter() - t0
     result["records"] = {k: r["rows"] for k, r in runs.items()}
     result["curves"], result["radii"] = curves, radii
+    result["checkpoint_params"] = {c["label"]: c["params"] for c in ckpts}
     if out is not None:
         write(result, out, eps)
         log(f"  wrote {out} in {result['wall_time_s']:.0f} s total")
@@ -351,7 +352,11 @@ def write(result: dict, out: Path, eps) -> None:
     np.savez(out / "radii.npz", **{f"{label}_{which}_{kind}": v[kind]
                                    for (label, which), v in result["radii"].items()
                                    for kind in ("attack", "certified")})
-    summary = {k: v for k, v in result.items() if k not in ("records", "curves", "radii")}
+    np.savez(out / "checkpoints.npz", **{f"{label}{name}": v
+                                         for label, p in result["checkpoint_params"].items()
+                                         for name, v in _flatten_with_names(p).items()})
+    summary = {k: v for k, v in result.items()
+               if k not in ("records", "curves", "radii", "checkpoint_params")}
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     plot(result, out, eps)
 
