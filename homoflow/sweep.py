@@ -456,7 +456,11 @@ def _run_flow_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mesh,
         wall = time.perf_counter() - start
         for i, tr in zip(batch, trajs):
             cols = {k: v for k, v in tr.columns.items() if v.ndim == 1}
-            out[i] = (cols, {"status": tr.meta["status"], "t0": tr.meta["t0"],
+            status = tr.meta["status"]
+            if (status == "completed" and cols["step"][-1] >= int(st["max_steps"])
+                    and cols["log_T"][-1] < float(st["log_t_max"])):
+                status = "max_steps"  # flow_batch stops at the step budget without saying so
+            out[i] = (cols, {"status": status, "t0": tr.meta["t0"],
                              "phase1_steps": tr.meta["phase1"]["steps"],
                              "order": g.model.order, "batch_wall_s": wall,
                              "batch_size": len(batch)})
