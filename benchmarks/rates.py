@@ -162,7 +162,9 @@ def verdicts(rows: list[dict]) -> list[str]:
             problems.append(f"status {r['status']} at log T = {r['log_T_max']:.4g}")
         if r["decades_T"] < 8:
             problems.append(f"only {r['decades_T']:.3g} decades of T recorded")
-        if not r["ratio_spread_last6"] <= 4.0:
+        # the flow saves log-spaced in log t: its last 6 decades of T hold a single point,
+        # so its band is checked over the last 6 decades of log T (a far longer stretch)
+        if r["engine"] != "flow" and not r["ratio_spread_last6"] <= 4.0:
             problems.append(f"ratio spread {r['ratio_spread_last6']:.3g} over the last 6 "
                             f"decades of T")
         if r["engine"] == "flow" and not r["ratio_spread_last6_logT"] <= 4.0:
@@ -234,8 +236,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     text = (f"# Loss rates (Theorem 4.3): {'quick' if args.quick else 'full'} run, "
             f"{wall:.0f} s\n\n{md}\n\nRows outside a bar (>= 8 decades of T; ratio spread "
-            f"<= 4 over the last 6 decades of T, and of log T for the flow; exponent within "
-            f"0.15 of 2 - 2/L):\n\n"
+            f"<= 4 over the last 6 decades of T — of log T for the flow, whose saves are "
+            f"log-spaced in log t; exponent within 0.15 of 2 - 2/L):\n\n"
             + ("\n".join(notes) if notes else "none") + "\n")
     (out / f"{name}.md").write_text(text)
     with open(out / f"{name}.csv", "w") as fh:

@@ -98,8 +98,9 @@ def test_rates_benchmark_quick_mode_meets_theorem_4_3_on_its_runs(tmp_path):
         # the log-polar flow reaches log t = 1e4: thousands of decades of T
         assert flow["decades_T"] > 1000
         assert abs(flow["fitted_exponent"] - (2 - 2 / L)) <= 0.15
-        assert flow["ratio_spread_last6"] <= 4.0           # the last 6 decades of T
-        assert flow["ratio_spread_last6_logT"] <= 4.0      # ... and of log T (all of it here)
+        # saves are log-spaced in log t: the last 6 decades of T hold one of them, so the
+        # band is checked over the last 6 decades of log T (here the whole run)
+        assert flow["ratio_spread_last6_logT"] <= 4.0
         assert flow["monotonicity_violations"] == 0        # gamma_tilde never decreases
     # steps at the H(L) bound: T grows geometrically once past t0; the ratio is flat
     hb = rows[(2, "descent_h_bound")]
