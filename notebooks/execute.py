@@ -46,36 +46,45 @@ def execute(path, *, quick: bool, write: bool = False, timeout: int = 1800):
     """Run the notebook at ``path``; return (executed notebook, wall seconds).
 
     Raises nbclient's CellExecutionError on the first failing cell. ``quick`` sets
-    HOMOFLOW_NOTEBOOK_QUICK=1 in the kernel's environment; ``write`` stores the outputs
-    back into ``path``.
+    HOMOFLOW_NOTEBOOK_QUICK=1 in the kernel's environment (passed to the kernel, not set
+    here, so several notebooks may run at once from threads); ``write`` stores the
+    outputs back into ``path``.
     """
     import nbformat
     from nbclient import NotebookClient
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    saved = os.environ.get(QUICK_ENV)
-    os.environ[QUICK_ENV] = "1" if quick else "0"  # the kernel inherits this environment
+    env = dict(os.environ, **{QUICK_ENV: "1" if quick else "0"})
     start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            scratch = Path(scratch)
-            work = scratch / "work"
-            work.mkdir()
-            client = NotebookClient(nb, km=_kernel_manager(scratch), timeout=timeout,
-                                    resources={"metadata": {"path": str(work)}})
-            client.execute()
-    finally:
-        if saved is None:
-            os.environ.pop(QUICK_ENV, None)
-        else:
-            os.environ[QUICK_ENV] = saved
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        work = scratch / "work"
+        work.mkdir()
+        client = NotebookClient(nb, km=_kernel_manager(scratch), timeout=timeout,
+                                resources={"metadata": {"path": str(work)}})
+        client.execute(env=env)
     wall = time.perf_counter() - start
     if write:
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                      "language": "python"}
         nbformat.write(nb, path)
     return nb, wall
+
+
+def execute_all(paths, *, quick: bool, workers: int = 2, timeout: int = 1800) -> dict:
+    """Run several notebooks, ``workers`` at a time (each in its own kernel process);
+    return {path: (notebook, wall seconds) or the exception it raised}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        try:
+            return execute(path, quick=quick, timeout=timeout)
+        except Exception as e:  # reported per notebook by the caller
+            return e
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(paths, pool.map(one, paths)))
 
 
 def main(argv=None) -> int:

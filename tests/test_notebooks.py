@@ -14,13 +14,22 @@ _spec.loader.exec_module(runner)
 PATHS = runner.notebooks()
 
 
+@pytest.fixture(scope="module")
+def quick_runs():
+    # two kernels at a time: most of a quick run is single-threaded XLA compilation
+    return runner.execute_all(PATHS, quick=True, workers=2, timeout=600)
+
+
 def test_there_are_notebooks():
     assert PATHS, f"no notebooks found in {NOTEBOOKS}"
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
-def test_notebook_runs_without_a_cell_error_in_quick_mode(path):
-    nb, _ = runner.execute(path, quick=True, timeout=300)
+def test_notebook_runs_without_a_cell_error_in_quick_mode(path, quick_runs):
+    result = quick_runs[path]
+    if isinstance(result, Exception):
+        raise result
+    nb, _ = result
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.execution_count is not None for c in code)
 
