@@ -36,6 +36,10 @@ def test_quick_experiment_writes_table_records_curves_and_figures(quick):
     summary = json.loads((quick / "summary.json").read_text())
     assert summary["runs"]["bias/constant"]["homogeneous"] is False
     assert summary["runs"]["no_bias/loss_based"]["homogeneous"] is True
+    # a run directory can be read back and plotted again
+    again = paper_cnn.load(quick)
+    assert set(again["records"]) == set(paper_cnn.QUICK.runs)
+    assert len(again["radii"]) == 2 * (len(paper_cnn.QUICK.thresholds) + 1)
 
 
 def test_quick_records_are_finite_and_the_loss_based_run_separates(quick):

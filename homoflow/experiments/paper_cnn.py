@@ -361,6 +361,26 @@ def write(result: dict, out: Path, eps) -> None:
     plot(result, out, eps)
 
 
+def load(out) -> dict:
+    """The records and radii of a finished run directory, enough for ``plot`` again."""
+    out = Path(out)
+    records = {}
+    for path in sorted(out.glob("epochs_*.csv")):
+        with open(path) as fh:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        arch, _, schedule = path.stem[len("epochs_"):].partition("_")
+        if arch == "no":  # "no_bias_<schedule>"
+            arch, schedule = "no_bias", schedule[len("bias_"):]
+        records[f"{arch}/{schedule}"] = rows
+    with np.load(out / "radii.npz") as f:
+        radii = {}
+        for key in f.files:
+            label, which, kind = key.rsplit("_", 2)
+            radii.setdefault((label, which), {})[kind] = f[key]
+    return {"records": records, "radii": radii,
+            **json.loads((out / "summary.json").read_text())}
+
+
 _STYLE = {"no_bias": ("C0", "CNN without bias"), "bias": ("C3", "CNN with bias")}
 
 
@@ -393,7 +413,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
         axes[row, 0].set(xlabel="epoch", ylabel="log10 training loss (average)",
                          title=f"SGD, {schedule.replace('_', '-')} step")
         axes[row, 1].set(xlabel="epoch", ylabel="normalized margin q_min / prod ||W_i||")
-        axes[row, 1].set_ylim(bottom=0)
+        axes[row, 1].axhline(0.0, color="grey", lw=0.5)
         axes[row, 0].legend()
     save(fig, "fig1_loss_margin.png")
 
@@ -410,7 +430,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
             axes[2].semilogy(r["epoch"], r["alpha"], color=color, label=lab)
     axes[0].set(xlabel="epoch", ylabel="training accuracy")
     axes[1].set(xlabel="epoch", ylabel="normalized margin q_min / rho^L (eq. 2)")
-    axes[1].set_ylim(bottom=0)
+    axes[1].axhline(0.0, color="grey", lw=0.5)
     axes[2].set(xlabel="epoch", ylabel="relative learning rate alpha(t), eq. (26)")
     axes[0].legend(fontsize=8)
     save(fig, "fig3_4_accuracy_margin_alpha.png")
