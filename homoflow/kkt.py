@@ -14,7 +14,7 @@ so an exact KKT point gives eps = delta = 0 and an inexact one a balanced pair.
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
@@ -248,11 +248,20 @@ def least_distance(Gmat, h=None) -> tuple[np.ndarray, np.ndarray]:
     return Gmat.T @ u / scale, u / scale
 
 
-def _constraint_jacobian(problem: Problem, params) -> tuple[np.ndarray, object]:
+@jax.jit
+def _grads_at(problem: Problem, params, index) -> jax.Array:
+    """``_constraint_grads`` from a params pytree: one compiled program per model and
+    shape, reused across calls (a fresh ``unravel`` as a static argument would recompile)."""
     flat, unravel = ravel_pytree(params)
-    K = constraints(problem, params).shape[0]
-    H = jax.jit(_constraint_grads, static_argnums=2)(problem, flat, unravel, jnp.arange(K))
-    return np.asarray(H), unravel
+    return _constraint_grads(problem, flat, unravel, index)
+
+
+_constraints_at = jax.jit(constraints)
+
+
+def _constraint_jacobian(problem: Problem, params) -> np.ndarray:
+    K = _constraints_at(problem, params).shape[0]
+    return np.asarray(_grads_at(problem, params, jnp.arange(K)))
 
 
 def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMReference:
@@ -274,12 +283,12 @@ def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMRef
         X = problem.X.reshape(problem.n, -1)
         lin = Problem(X, problem.y, _linear_model(X.shape[1], problem.model.n_outputs),
                       problem.loss)
-        H, _ = _constraint_jacobian(lin, lin.model.init(jax.random.PRNGKey(0)))
+        H = _constraint_jacobian(lin, lin.model.init(jax.random.PRNGKey(0)))
     elif kind == "tangent_kernel":
         if params is None:
             raise ValueError("svm_reference(kind='tangent_kernel') needs params: the "
                              "direction theta_bar whose tangent kernel defines the SVM")
-        H, _ = _constraint_jacobian(problem, params)
+        H = _constraint_jacobian(problem, params)
     else:
         raise ValueError(f"kind must be 'linear' or 'tangent_kernel', got {kind!r}")
     w, alpha = least_distance(H)
@@ -287,6 +296,7 @@ def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMRef
     return SVMReference(w, w / norm, 1.0 / norm, alpha, kind)
 
 
+@lru_cache(maxsize=None)  # the same Model object, so the jitted gradients are reused
 def _linear_model(dim, n_outputs):
     from .models import linear
     return linear(dim, n_outputs)
@@ -356,8 +366,8 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
         raise ValueError(f"polish_kkt needs a separating direction (q_min > 0); got q_min = "
                          f"{c0.min():.6g}")
     flat0, unravel = ravel_pytree(params)
-    c_fun = jax.jit(lambda z: constraints(problem, unravel(z)))
-    grads = jax.jit(_constraint_grads, static_argnums=2)
+    def c_fun(z):
+        return _constraints_at(problem, unravel(z))
 
     def feasible(z):  # rescaled to q_min = 1, and its normalized margin
         q = float(np.min(np.asarray(c_fun(jnp.asarray(z)))))
@@ -371,7 +381,7 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
     for it in range(1, max_iter + 1):
         c = np.asarray(c_fun(jnp.asarray(x)))
         S = np.nonzero(c <= (1.0 + slack) * c.min())[0]
-        J = np.asarray(grads(problem, jnp.asarray(x), unravel, jnp.asarray(S)))
+        J = np.asarray(_grads_at(problem, unravel(jnp.asarray(x)), jnp.asarray(S)))
         target, _ = least_distance(J, 1.0 - c[S] + J @ x)
         alpha, gained = 1.0, False
         while alpha > 1e-10:
@@ -462,6 +472,9 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
     before = np.nansum(path[(log10_log_T > top - 2) & (log10_log_T <= top - 1)])
     if dirs is None:
         verdict = "unknown: the trajectory has no snapshots, so theta^'s path is not known"
+    elif before == 0:
+        verdict = (f"unknown: no saved motion of theta^ in the decade before the last "
+                   f"(last decade: {last:.3g}); run longer or save more points")
     elif last < 0.5 * before:
         verdict = (f"converging: theta^ moved {last:.3g} over the last decade of log T, "
                    f"{last / before:.2g} times the {before:.3g} of the decade before")
@@ -497,12 +510,11 @@ def format_report(report: dict, max_rows: int = 12) -> str:
 
 def plot_report(report: dict, path) -> None:
     """eps, delta, 1 - beta, the margin gap and the path length against log T (log-log)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for k, label in [("kkt_eps", "ε (KKT)"), ("kkt_delta", "δ (KKT)"),
                      ("one_minus_beta", "1 − β"), ("margin_gap", "γ̄* − γ̄"),
                      ("path_length", "‖Δθ̂‖ per saved step")]:
@@ -515,4 +527,3 @@ def plot_report(report: dict, path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,4 +1,5 @@
-"""PNG plots of a Trajectory (matplotlib, Agg backend)."""
+"""PNG plots of a Trajectory (matplotlib ``Figure`` objects: no pyplot state, no backend
+switch, so calling them from a notebook leaves its inline figures alone)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ from .trajectory import Trajectory
 
 
 def _axes():
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig = Figure(figsize=(6, 4), constrained_layout=True)
+    ax = fig.subplots()
     # log T spans decades (and is negative while T < 1): symlog shows every phase
     ax.set_xscale("symlog", linthresh=1.0)
-    return plt, fig, ax
+    return fig, ax
 
 
 def plot_trajectory(traj: Trajectory, directory) -> list[Path]:
@@ -34,12 +33,12 @@ def plot_trajectory(traj: Trajectory, directory) -> list[Path]:
     title = f"{m.get('model', '')}, {m.get('loss', '')} loss, {m.get('engine', '')}"
     paths = []
 
-    plt, fig, ax = _axes()
+    fig, ax = _axes()
     ax.plot(x, c["log_loss"][ok] / math.log(10), ".-", ms=3)
     ax.set(xlabel="log T  (T = sum of step sizes)", ylabel="log10 L", title=title)
-    paths.append(d / "loss.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    paths.append(d / "loss.png"); fig.savefig(paths[-1], dpi=110)
 
-    plt, fig, ax = _axes()
+    fig, ax = _axes()
     for name, label in (("normalized_margin", r"$\bar\gamma$ = q_min / $\rho^L$"),
                         ("smoothed_margin", r"$\tilde\gamma$ = $\ell^{-1}$(L) / $\rho^L$"),
                         ("descent_margin", r"$\hat\gamma$ (App. E.2)")):
@@ -52,17 +51,17 @@ def plot_trajectory(traj: Trajectory, directory) -> list[Path]:
     else:
         ax.text(0.5, 0.5, "never separated: no margins to show", ha="center",
                 transform=ax.transAxes)
-    paths.append(d / "margins.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    paths.append(d / "margins.png"); fig.savefig(paths[-1], dpi=110)
 
-    plt, fig, ax = _axes()
+    fig, ax = _axes()
     ax.plot(x, c["log_rho"][ok], ".-", ms=3)
     ax.set(xlabel="log T", ylabel=r"log $\rho$ = log ||$\theta$||", title=title)
-    paths.append(d / "rho.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    paths.append(d / "rho.png"); fig.savefig(paths[-1], dpi=110)
 
-    plt, fig, ax = _axes()
+    fig, ax = _axes()
     one_minus = np.clip(1.0 - c["beta"][ok], 1e-300, None)
     ax.semilogy(x, one_minus, ".-", ms=3)
     ax.set(xlabel="log T", ylabel=r"1 - $\beta$,  $\beta$ = cos($\theta$, -$\nabla$L)",
            title="alignment of parameters and negative gradient")
-    paths.append(d / "beta.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    paths.append(d / "beta.png"); fig.savefig(paths[-1], dpi=110)
     return paths
