@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -187,13 +189,37 @@ def _polar_start(problem: Problem, unravel, flat_t0, log_t0) -> PolarState:
                       jnp.asarray(OK), jnp.asarray(0.0))
 
 
-def _make_polar_advance(problem: Problem, unravel, rtol, atol, h_max):
-    @jax.jit
-    def advance(st: PolarState, log_t_stop, tau_stop, log_loss_stop, max_steps):
-        return _polar_loop(problem, unravel, st, log_t_stop, tau_stop, log_loss_stop, max_steps,
-                           rtol, atol, h_max)
+@dataclass(frozen=True)
+class _Unravel:
+    """Flat vector -> params pytree, hashable and equal across calls for the same structure
+    (``ravel_pytree`` returns a fresh closure each time), so that it can be a static jit
+    argument and every flow on the same model reuses the compiled programs."""
+    treedef: Any
+    shapes: tuple
 
-    return advance
+    def __call__(self, flat):
+        leaves, i = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            leaves.append(flat[i:i + n].reshape(shape))
+            i += n
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _ravel(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+    return flat, _Unravel(treedef, tuple(tuple(leaf.shape) for leaf in leaves))
+
+
+@partial(jax.jit, static_argnames=("unravel", "rtol", "atol", "h_max"))
+def _advance(problem: Problem, st: PolarState, log_t_stop, tau_stop, log_loss_stop, max_steps,
+             *, unravel, rtol, atol, h_max) -> PolarState:
+    return _polar_loop(problem, unravel, st, log_t_stop, tau_stop, log_loss_stop, max_steps,
+                       rtol, atol, h_max)
+
+
+_diagnostics_jit = jax.jit(diagnostics)
 
 
 class _Recorder:
@@ -202,7 +228,7 @@ class _Recorder:
     def __init__(self, problem: Problem, snapshots: bool, kkt: bool):
         self.problem, self.snapshots, self.kkt = problem, snapshots, kkt
         self.rows, self.snaps = [], []
-        self._diag = jax.jit(diagnostics)
+        self._diag = _diagnostics_jit
 
     def __call__(self, params, log_t, phase, steps, rejected, wall, energy=math.nan):
         d = self._diag(self.problem, params)
@@ -218,25 +244,29 @@ class _Recorder:
             self.snaps.append(jax.device_get(params))
 
 
+def _phase1_field(t, y, args):
+    problem, unravel = args
+    log_loss, grad = jax.value_and_grad(lambda z: problem.log_loss(unravel(z)))(y)
+    return -jnp.exp(log_loss) * grad
+
+
+def _phase1_separated(t, y, args, **kwargs):
+    problem, unravel = args
+    return problem.log_loss(unravel(y)) - problem.loss.log_threshold
+
+
 def _phase1(problem, flat0, unravel, t_limit, save_t, rtol, atol, max_steps):
-    """Original-time flow until L < l(b_f) (a diffrax Event) or t_limit."""
-    threshold = problem.loss.log_threshold
-
-    def vector_field(t, y, args):
-        log_loss, grad = jax.value_and_grad(lambda z: problem.log_loss(unravel(z)))(y)
-        return -jnp.exp(log_loss) * grad
-
-    def separated(t, y, args, **kwargs):
-        return problem.log_loss(unravel(y)) - threshold
-
+    """Original-time flow until L < l(b_f) (a diffrax Event) or t_limit. The field and the
+    event are module-level functions of ``args`` so diffrax's compiled solve is reused."""
     saveat = (diffrax.SaveAt(t1=True) if save_t is None else
               diffrax.SaveAt(ts=jnp.asarray(save_t, jnp.float64), t1=True))
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=0.0, t1=float(t_limit), dt0=None,
+        diffrax.ODETerm(_phase1_field), diffrax.Tsit5(), t0=0.0, t1=float(t_limit), dt0=None,
         y0=flat0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=saveat,
-        event=diffrax.Event(separated, root_finder=optx.Newton(rtol=1e-12, atol=1e-12)),
-        max_steps=max_steps, throw=False)
+        event=diffrax.Event(_phase1_separated,
+                            root_finder=optx.Newton(rtol=1e-12, atol=1e-12)),
+        args=(problem, unravel), max_steps=max_steps, throw=False)
     return sol
 
 
@@ -273,7 +303,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         raise ValueError("give at least one of log_t_max, tau_max, log_loss_min")
     start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
-    flat0, unravel = ravel_pytree(params0)
+    flat0, unravel = _ravel(params0)
     rec = _Recorder(problem, snapshots, kkt)
     meta = {"engine": "flow", "model": problem.model.name, "order": problem.order,
             "layer_orders": list(problem.model.layer_orders), "loss": problem.loss.name,
@@ -333,7 +363,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     if not float(st.point.s) > 0:
         raise ValueError(f"<theta_hat, -grad L> = {float(st.point.s):.3g} <= 0 at t0 = {t0:g}; "
                          f"impossible for a homogeneous model past t0: check the model's order")
-    advance = _make_polar_advance(problem, unravel, polar_rtol, polar_atol, h_max)
+    advance = partial(_advance, unravel=unravel, rtol=polar_rtol, atol=polar_atol, h_max=h_max)
     if log_t_max is not None:
         lo = max(log_t0, 1e-3)
         marks = np.geomspace(max(lo, 1e-3), max(lt_max, lo * 1.0001), n_saves)[1:]
@@ -347,8 +377,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     for mark in marks:
         lt_stop = min(mark, lt_max) if key == "log_t" else lt_max
         ta_stop = min(mark, tau_stop) if key == "tau" else tau_stop
-        st = advance(st, jnp.asarray(lt_stop), jnp.asarray(ta_stop), jnp.asarray(ll_stop),
-                     jnp.asarray(max_steps))
+        st = advance(problem, st, jnp.asarray(lt_stop), jnp.asarray(ta_stop),
+                     jnp.asarray(ll_stop), jnp.asarray(max_steps))
         status = int(st.status)
         if status == OK and int(st.steps) >= max_steps:
             status = MAX_STEPS
@@ -400,7 +430,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
     leaves = jax.tree_util.tree_leaves(params0)
     batch = leaves[0].shape[0]
     first = jax.tree_util.tree_map(lambda p: jnp.asarray(p[0], jnp.float64), params0)
-    _, unravel = ravel_pytree(first)
+    _, unravel = _ravel(first)
     flat0 = jax.vmap(lambda p: ravel_pytree(p)[0])(
         jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params0))
     marks = jnp.geomspace(1.0, max(float(log_t_max), 1.0 + 1e-9), n_saves)
@@ -469,7 +499,7 @@ def polar_rates(problem: Problem, params) -> dict:
     beta. Lemma 5.1 in tau reads d log gamma_tilde / d tau >= L ||d theta_hat / d tau||^2,
     and ||d theta_hat / d tau||^2 = 1 / beta^2 - 1 (DESIGN §3).
     """
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = _ravel(params)
     rho = jnp.linalg.norm(flat)
     x, tau = flat / rho, jnp.log(rho)
     L = problem.order
