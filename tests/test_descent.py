@@ -26,6 +26,9 @@ def test_default_loss_based_run_records_only_finite_values(default_run):
     for name, col in c.items():
         if name == "descent_margin":  # defined from t0 on (Appendix E.2)
             col = col[c["step"] >= default_run.meta["t0_step"]]
+        if name in ("kkt_eps", "kkt_delta"):  # flagged NaN exactly while q_min <= 0
+            assert np.array_equal(np.isnan(col), c["q_min"] <= 0), name
+            col = col[c["q_min"] > 0]
         if name in ("log_T", "log_lr"):  # at step 0: T = 0 (log T = -inf), no step yet
             assert c["log_T"][0] == -np.inf and np.isnan(c["log_lr"][0])
             col = col[1:]
@@ -200,6 +203,9 @@ def test_default_problem_reaches_log_loss_below_minus_1e5_with_finite_records(de
     for name, col in c.items():
         if name == "descent_margin":
             col = col[c["step"] >= t0]
+        if name in ("kkt_eps", "kkt_delta"):  # flagged NaN exactly while q_min <= 0
+            assert np.array_equal(np.isnan(col), c["q_min"] <= 0), name
+            col = col[c["q_min"] > 0]
         col = col[1:] if name in ("log_T", "log_lr") else col
         assert np.all(np.isfinite(col)), name
     assert c["log_lr"][-1] > 1e5  # eta = alpha / L itself would overflow float64
