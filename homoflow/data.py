@@ -106,8 +106,9 @@ def digits(classes=None, test_fraction: float = 0.25, seed: int = 0,
     """
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
-        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+    except ImportError as e:  # the optional "data" extra
+        raise ImportError("the digits data set needs scikit-learn: "
+                          "pip install 'homoflow[data]' (or scikit-learn)") from e
     X, y = load_digits(return_X_y=True)
     classes = _check_classes(classes, 10, "digits")
     keep = np.isin(y, classes)
@@ -142,8 +143,9 @@ def mnist1d(classes=None, binary: bool = False) -> Split:
 def _mnist1d_published() -> dict:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as e:  # pragma: no cover - mnist1d is a dependency
-        raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d") from e
+    except ImportError as e:  # the optional "data" extra
+        raise ImportError("MNIST-1D needs the mnist1d package: "
+                          "pip install 'homoflow[data]' (or mnist1d)") from e
     # make_dataset seeds numpy's and Python's global generators; restore them afterwards
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
