@@ -24,7 +24,6 @@ plus boundary refinement).
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import time
@@ -150,9 +149,6 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
                 f"{time.perf_counter() - start:.0f} s")
         return log10_loss <= config.stop_log10_loss
 
-    extra = {}
-    if "kkt" in inspect.signature(descent).parameters:
-        extra["kkt"] = False  # a K x P Jacobian and an NNLS per epoch: not needed here
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -163,7 +159,7 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
                            key=jax.random.PRNGKey(config.seed + 1),
                            record_at=range(1, epochs + 1), on_record=hook, snapshots=False,
                            progress=progress, config={"experiment": "paper-cnn", "run": name},
-                           **extra)
+                           kkt=False)  # an NNLS per epoch: the experiment does not use it
         status, message = traj.status, traj.meta["message"]
     except RunStopped as stop:
         status, message = stop.reason, str(stop)
