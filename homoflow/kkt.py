@@ -23,6 +23,7 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from .diagnostics import diagnostics
 from .problem import Problem
 
 
@@ -200,8 +201,6 @@ def lemma_c8_pair(problem: Problem, params, smoothed_margin_t0, B1=jnp.nan) -> L
     pass B1 = sup ||grad q_n|| on the unit sphere, e.g. the *estimate* of
     ``schedules.estimate_smoothness_constants``). NaN where log(1/L) < b_g or a constant
     is unknown."""
-    from .diagnostics import diagnostics  # diagnostics imports nothing from here
-
     L = problem.order
     d = diagnostics(problem, params)
     g0 = jnp.asarray(smoothed_margin_t0, jnp.float64)
