@@ -257,3 +257,18 @@ def test_multiclass_multi_homogeneous_cnn_residuals_are_certificates_and_shrink(
             * q_min ** (-1 / prob.order)
         assert np.hypot(traj["kkt_eps"][i], traj["kkt_delta"][i]) <= norm_t * (1 + 1e-12)
     assert traj["kkt_eps"][sep[-1]] < traj["kkt_eps"][sep[0]]
+
+
+def test_bad_input_to_references_and_polish_raises_naming_the_problem():
+    prob, _, _ = _linear_problem()
+    with pytest.raises(ValueError, match="q_min > 0"):
+        polish_kkt(prob, (-jnp.ones((5, 1)),))            # not separating
+    with pytest.raises(ValueError, match="needs params"):
+        svm_reference(prob, kind="tangent_kernel")
+    with pytest.raises(ValueError, match="'rbf'"):
+        svm_reference(prob, kind="rbf")
+    X = np.array([[1.0, 0.5], [1.0, 0.5]])                # the same point with both labels
+    clash = make_problem(models.linear(2), losses.exponential(), X, np.array([1.0, -1.0]),
+                         check=False)
+    with pytest.raises(ValueError, match="not separable"):
+        svm_reference(clash)
