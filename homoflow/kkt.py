@@ -365,35 +365,35 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
         raise ValueError(f"polish_kkt needs a separating direction (q_min > 0); got q_min = "
                          f"{c0.min():.6g}")
     flat0, unravel = ravel_pytree(params)
-    def c_fun(z):
-        return _constraints_at(problem, unravel(z))
 
-    def feasible(z):  # rescaled to q_min = 1, and its normalized margin
-        q = float(np.min(np.asarray(c_fun(jnp.asarray(z)))))
+    def feasible(z):  # rescaled to q_min = 1: (point, its normalized margin, its constraints)
+        c = np.asarray(_constraints_at(problem, unravel(jnp.asarray(z))))
+        q = float(c.min())
         if not q > 0:
-            return None, -np.inf
-        z = z * q ** (-1.0 / L)
-        return z, float(np.linalg.norm(z)) ** (-L)
+            return None, -np.inf, None
+        return z * q ** (-1.0 / L), float(np.linalg.norm(z * q ** (-1.0 / L))) ** (-L), c / q
 
-    x, margin = feasible(np.asarray(flat0, np.float64))
-    start_margin, message, it = margin, f"stopped after max_iter = {max_iter} steps", 0
+    x, margin, c = feasible(np.asarray(flat0, np.float64))
+    start_margin, converged, it = margin, False, 0
+    message = f"stopped after max_iter = {max_iter} steps"
     for it in range(1, max_iter + 1):
-        c = np.asarray(c_fun(jnp.asarray(x)))
         S = np.nonzero(c <= (1.0 + slack) * c.min())[0]
         J = np.asarray(_grads_at(problem, unravel(jnp.asarray(x)), jnp.asarray(S)))
         target, _ = least_distance(J, 1.0 - c[S] + J @ x)
         alpha, gained = 1.0, False
         while alpha > 1e-10:
-            z, m = feasible(x + alpha * (target - x))
+            z, m, c_z = feasible(x + alpha * (target - x))
             if m > margin:
                 gained = True
                 break
             alpha *= 0.5
         if not gained:
+            converged = True
             message = "converged: no step along the linearized solution raises the margin"
             break
-        x, margin, old = z, m, margin
+        x, c, margin, old = z, c_z, m, margin
         if m - old <= rtol * m and alpha == 1.0:
+            converged = True
             message = f"converged: a full step gained {m / old - 1:.2g} (relative) < rtol"
             break
     theta = unravel(jnp.asarray(x))
@@ -401,8 +401,7 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
     lam = np.asarray(r.lam)
     return Polished(theta, margin, start_margin, angle(np.asarray(flat0), x), float(r.eps),
                     float(r.delta), lam, np.asarray(r.index),
-                    int(np.sum(lam > 1e-8 * np.nanmax(lam))), message.startswith("converged"),
-                    f"{message} ({it} steps)")
+                    int(np.sum(lam > 1e-8 * np.nanmax(lam))), converged, f"{message} ({it} steps)")
 
 
 # --- convergence report -------------------------------------------------------------------
@@ -446,16 +445,16 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
     else:
         eps = delta = np.full(after.size, np.nan)
     gamma = cols["normalized_margin"][after]
+    log10_log_T = np.log10(cols["log_T"][after])
+    top = log10_log_T[-1]
     if polished is None and polish and have_snaps:
         # start from the best late direction: gamma_bar need not be monotone (descent)
-        late = np.nonzero(np.log10(cols["log_T"][after]) >= np.log10(cols["log_T"][after[-1]]) - 1)[0]
+        late = np.nonzero(log10_log_T >= top - 1)[0]
         best = after[late[np.nanargmax(gamma[late])]]
         polished = polish_kkt(problem, jax.tree_util.tree_map(lambda a: a[best], snaps))
     path = np.full(after.size, np.nan)
     if dirs is not None:
         path[1:] = np.linalg.norm(np.diff(dirs, axis=0), axis=1)
-    log10_log_T = np.log10(cols["log_T"][after])
-    top = log10_log_T[-1]
     keep = log10_log_T >= top - decades
     rows = {
         "log_T": cols["log_T"][after][keep],
