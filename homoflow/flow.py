@@ -20,8 +20,19 @@ Jacobian: every solve is a Woodbury solve with an N x N LU factorization, O(P N^
 instead of O(P^3). The direction is projected back onto the unit sphere after each step;
 log t is accumulated by exact integration of exp(phi) for phi linear on each step.
 
-Clarke selection: autodiff's (see ``homoflow.models``): ReLU'(0) = 0, leaky ReLU'(0) =
-slope, max-pool's cotangent goes to one maximal element of each window.
+Clarke selection. Phase 1 and models without a declared kink use autodiff's element (see
+``homoflow.models``): ReLU'(0) = 0, leaky ReLU'(0) = 1 (``where(x >= 0, ...)``), max-pool's
+cotangent goes to one maximal element of each window. With that fixed selection a flow that
+should slide along an activation boundary z_nj = x_n . w_j = 0 chatters across it, and
+every step size pays for it. For networks whose first layer declares its kinks
+(``Model.kink``: bias-free (leaky) ReLU MLPs) phase 2 follows the *minimum-norm* element of
+the Clarke (chain-rule) set instead, which is the velocity of the gradient flow's
+solutions (for a conservative field D, d/dt L = <v, theta'> for every v in D forces
+theta' = -the minimum-norm element). It is found per neuron as a box QP whose active
+constraints are the sliding set S: the flow moves on {z_S = 0} with the field projected
+onto its tangent space, kinks enter S when reached with a feasible multiplier and leave
+when it hits a bound (``_events``); steps end where a kink is reached. The ``flow_beta``
+column is beta of that velocity, the one Lemma C.9 speaks of; ``beta`` stays autodiff's.
 """
 
 from __future__ import annotations
@@ -50,9 +61,10 @@ from .schedules import constant
 from .trajectory import Trajectory, package_versions
 
 _ROS2_GAMMA = 1.0 + 1.0 / math.sqrt(2.0)
+_CHUNK = 2000  # phase-2 steps between checks of flow's wall budget
 
 # status codes of the log-polar loop
-OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED = 0, 1, 2, 3, 4, 5
+OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED = range(6)
 _STATUS = {OK: "completed", NONFINITE: "nonfinite", NOT_RADIAL: "nonpositive_radial_velocity",
            STEP_UNDERFLOW: "step_size_underflow", MAX_STEPS: "max_steps"}
 
@@ -68,6 +80,18 @@ class PolarPoint(NamedTuple):
     phi: jax.Array        # log dt/dtau
 
 
+class Sliding(NamedTuple):
+    """The sliding set S (kinks z_nj = x_n . w_j = 0 the flow moves along), per neuron j:
+    R_j, the orthogonal projector onto span{x_n : (n, j) in S}, and M_j^+, the
+    pseudo-inverse of M_j = sum_{(n, j) in S} x_n x_n^T; and ``slope`` (N, m), the
+    activation derivative used at each kink: lo on S, the bound a kink left S by while it is
+    still within rounding of z = 0 (where autodiff would pick a side by the sign of a
+    rounding error), NaN (autodiff's) elsewhere."""
+    R: jax.Array      # (m, d, d)
+    Minv: jax.Array   # (m, d, d)
+    slope: jax.Array  # (N, m)
+
+
 class PolarState(NamedTuple):
     x: jax.Array          # theta_hat, flattened
     tau: jax.Array
@@ -81,18 +105,64 @@ class PolarState(NamedTuple):
     # int ||d theta_hat / d tau||^2 d tau = int (beta^-2 - 1) d tau (Lemma C.9), measured
     # from its chords rather than from the autodiff gradient at the saved states
     energy: jax.Array
+    # sum over accepted steps of h (|F_start|^2 + |F_end|^2) / 2: the same integral by the
+    # trapezoid rule on the field the flow follows (|F|^2 = beta^-2 - 1, beta of that
+    # velocity), at the resolution of the solver's steps
+    speed_int: jax.Array = 0.0
+    mask: Any = None      # (N, m) bool: the sliding set; None without kinks
+    slide: Any = None     # Sliding for ``mask``
 
 
-def _per_point_neg_log_loss(problem: Problem, params):
-    """u_n = f(q~_n): log L = LSE(-u)."""
-    return problem.loss.f(problem.margin_terms(params)[1])
+def _per_point_neg_log_loss(problem: Problem, unravel, v, sl=None):
+    """u_n = f(q~_n) at flat parameters v: log L = LSE(-u). With a sliding state, the
+    kinks' derivatives are ``sl.slope`` where it is set."""
+    if sl is None:
+        return problem.loss.f(problem.margin_terms(unravel(v))[1])
+    out = problem.model.kink.apply_offset(unravel(v), problem.X, 0.0, sl.slope)
+    return problem.loss.f(problem.margin_terms_of(out)[1])
 
 
-def _field(problem, unravel, x, tau) -> PolarPoint:
-    """The direction field at (x, tau) with the Jacobian G of the per-point log losses."""
+def _first_layer(x, d, m):
+    """The first layer's weight W (d, m): the first leaf of the flattened parameters."""
+    return x[:d * m].reshape(d, m)
+
+
+def _kink_z(problem: Problem, x):
+    """z = X W (N, m): first-layer pre-activations at flat parameters x (linear in x)."""
+    Xf = problem.X.reshape(problem.n, -1)
+    return Xf @ _first_layer(x, Xf.shape[1], problem.model.kink.width)
+
+
+def _sliding(problem: Problem, mask, slope) -> Sliding:
+    """Per-neuron projectors for the sliding set ``mask`` (N, m): O(N m d^2 + m d^3)."""
+    Xf = problem.X.reshape(problem.n, -1)
+    M = jnp.einsum("nj,na,nb->jab", mask.astype(Xf.dtype), Xf, Xf)
+    lam, V = jnp.linalg.eigh(M)
+    keep = lam > 1e-10 * jnp.max(jnp.sum(Xf * Xf, axis=1))
+    R = jnp.einsum("jak,jk,jbk->jab", V, keep.astype(Xf.dtype), V)
+    Minv = jnp.einsum("jak,jk,jbk->jab", V, jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0),
+                                                       0.0), V)
+    return Sliding(R, Minv, slope)
+
+
+def _project(sl: Sliding, v):
+    """Orthogonal projection of flat v onto the tangent space {z_S(v) = 0} of the sliding
+    set (only the first layer's columns w_j move)."""
+    m, d = sl.R.shape[0], sl.R.shape[1]
+    W = _first_layer(v, d, m)
+    W = W - jnp.einsum("jab,bj->aj", sl.R, W)
+    return jnp.concatenate([W.ravel(), v[d * m:]])
+
+
+def _field(problem, unravel, x, tau, sl=None) -> PolarPoint:
+    """The direction field at (x, tau) with the Jacobian G of the per-point log losses.
+    With a sliding set, G's rows (hence g) are projected onto its tangent space: g is then
+    the minimum-norm Clarke element (see ``_update_sliding``)."""
     v = jnp.exp(tau) * x
-    u, pullback = jax.vjp(lambda z: _per_point_neg_log_loss(problem, unravel(z)), v)
+    u, pullback = jax.vjp(lambda z: _per_point_neg_log_loss(problem, unravel, z, sl), v)
     G = jax.vmap(pullback)(jnp.eye(u.shape[0], dtype=u.dtype))[0]
+    if sl is not None:
+        G = jax.vmap(_project, (None, 0))(sl, G)
     log_loss = logsumexp(-u)
     w = jax.nn.softmax(-u)
     g = w @ G
@@ -100,10 +170,70 @@ def _field(problem, unravel, x, tau) -> PolarPoint:
     return PolarPoint(g / s - x, G, w, g, s, log_loss, tau - log_loss - jnp.log(s))
 
 
-def _field_only(problem, unravel, x, tau) -> jax.Array:
-    log_loss_grad = jax.grad(lambda z: problem.log_loss(unravel(z)))(jnp.exp(tau) * x)
-    g = -log_loss_grad
+def _field_only(problem, unravel, x, tau, sl=None) -> jax.Array:
+    g = -jax.grad(lambda z: logsumexp(-_per_point_neg_log_loss(problem, unravel, z, sl)))(
+        jnp.exp(tau) * x)
+    if sl is not None:
+        g = _project(sl, g)
     return g / (x @ g) - x
+
+
+def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near):
+    """Update the sliding set at x (DESIGN §3, "event handling"): the attracting kinks of
+    ``cand`` that are ``near`` enter, every kink of S whose multiplier is infeasible
+    leaves, and x is projected onto the new set.
+
+    The flow's velocity is the minimum-norm element of the chain-rule (Clarke) set
+    {g_lo + sum_nj (sigma_nj - lo) e_nj x_n (in w_j) : sigma_nj in [lo, hi]} (g_lo: the
+    gradient with derivative lo at the kinks; e_nj = d(-log L)/d(output of kink nj)); for
+    each neuron j this is a box QP. Its solution with sigma inside [lo, hi] on the sliding
+    set S is the projection of g_lo's w_j onto the complement of span{x_n : (n, j) in S}
+    (multipliers mu = (sigma - lo) e, mu_nj = -x_n^T M_j^+ g_j), so the flow slides along
+    z_S = 0: an attracting kink, both sides push towards it. A kink leaves S when its
+    multiplier leaves [lo, hi]: the flow then moves to the side whose derivative is that
+    bound. z is linear in theta, so the projection onto z_S = 0 is exact; x is then
+    renormalized.
+
+    Returns (mask, sliding, x projected and renormalized, the feasible candidates, e).
+    """
+    kink = problem.model.kink
+    mask_t = mask | cand
+    slope_t = jnp.where(mask_t, kink.lo, sl.slope)
+    sl_t = jax.lax.cond(jnp.any(cand), lambda: _sliding(problem, mask_t, slope_t),
+                        lambda: sl._replace(slope=slope_t))
+
+    def nll(v, o):
+        out = kink.apply_offset(unravel(v), problem.X, o, slope_t)
+        return -problem.loss.log_loss(problem.margin_terms_of(out)[1])
+
+    # g_lo uses the derivative lo at every kink of S (the sign of z = +-1e-17 after a
+    # projection is rounding, so autodiff's own choice would be either side's)
+    v = jnp.exp(tau) * x
+    g_lo, e = jax.grad(nll, argnums=(0, 1))(v, jnp.zeros(mask.shape, x.dtype))
+    m, d = sl_t.R.shape[0], sl_t.R.shape[1]
+    Xf = problem.X.reshape(problem.n, -1)
+    mu = -(Xf @ jnp.einsum("jab,bj->aj", sl_t.Minv, _first_layer(g_lo, d, m)))
+    bound = (kink.hi - kink.lo) * e
+    ok = (mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
+    # of S, only the kink of each neuron whose multiplier is farthest outside its bounds
+    # leaves per update: the multipliers of a neuron's kinks are coupled (releasing one
+    # moves the others), so releasing every violator at once releases kinks that only
+    # violated because of another, which then cross back: churn
+    sigma = mu / jnp.where(e == 0, 1.0, e)
+    excess = jnp.where(e == 0, jnp.inf,
+                       jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
+    excess = jnp.where(mask & ~ok, excess, -1.0)
+    released = (excess >= 0) & (excess == jnp.max(excess, axis=0, keepdims=True))
+    mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
+    # a kink leaving S keeps the bound its multiplier passed while it is at z = 0
+    above = (e != 0) & (sigma > kink.hi - kink.lo)
+    slope_n = jnp.where(mask_n, kink.lo,
+                        jnp.where(released, jnp.where(above, kink.hi, kink.lo),
+                                  jnp.where(cand, sl.slope, slope_t)))
+    sl_n = jax.lax.cond(jnp.any(mask_n != mask_t), lambda: _sliding(problem, mask_n, slope_n),
+                        lambda: sl_t._replace(slope=slope_n))
+    x_p = _project(sl_n, x)
+    return mask_n, sl_n, x_p / jnp.linalg.norm(x_p), cand & ok, e
 
 
 def _woodbury(pt: PolarPoint, x, tau, h):
@@ -136,8 +266,55 @@ def _log_integral_exp_linear(phi1, phi2, h):
 
 
 def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
-    """One attempted ROS2 step of size st.h; returns the next state."""
-    x, tau, h, pt = st.x, st.tau, st.h, st.point
+    """One attempted ROS2 step of size at most st.h; returns the next state.
+
+    With kinks (``st.slide``), the kinks the current velocity reaches within the step are
+    tested first (``_events``): attracting ones within the error tolerance of x join the
+    sliding set and x moves onto them; for farther ones the step is cut to end where the
+    first is reached (event location by the linear prediction), so that a step never
+    crosses a kink it should slide on: a crossing inside a step is a jump in the field,
+    an O(h) error. Kinks still crossed during the step are tested at its end. Every move
+    onto a kink counts as error.
+    """
+    x0, tau, h, pt0, sl0 = st.x, st.tau, st.h, st.point, st.slide
+    scale = atol + rtol * jnp.abs(x0)
+    x, pt, sl, mask, jump, h_eff = x0, pt0, sl0, st.mask, 0.0, h
+    if sl0 is not None:
+        Xf = problem.X.reshape(problem.n, -1)
+        m, d = sl0.R.shape[0], Xf.shape[1]
+        z = _kink_z(problem, x0)
+        zdot = _kink_z(problem, pt0.F)  # z is linear in theta: dz/dtau = z(F)
+        t_hit = jnp.where(z * zdot < 0, -z / jnp.where(zdot == 0, 1.0, zdot),
+                          jnp.where(z == 0, 0.0, jnp.inf))
+        cand = ~mask & (t_hit <= h)
+        xn2 = jnp.sum(Xf * Xf, axis=1)
+        # a kink that left S keeps its bound's slope only while z is rounding-sized
+        sl0 = sl0._replace(slope=jnp.where(mask | (jnp.abs(z) <= 1e-12 * jnp.sqrt(xn2)[:, None]),
+                                           sl0.slope, jnp.nan))
+        # RMS (in error units) of the move onto z_nj = 0: (z / |x_n|^2) x_n in column j
+        spread = (Xf * Xf) @ (1.0 / _first_layer(scale, d, m) ** 2)        # (N, m)
+        move = jnp.abs(z) / xn2[:, None] * jnp.sqrt(spread / x0.shape[0])
+        # ... and its kick to the per-point log losses u (what the soft-min weights feel,
+        # e^{L tau} times the margins' change): |du_m| <= e^tau |z| / |x_n| max_m |G_m,j|
+        G_col = jnp.sqrt(jnp.max(jnp.sum(
+            pt0.G[:, :d * m].reshape(-1, d, m) ** 2, axis=1), axis=0))       # (m,)
+        kick = jnp.exp(tau) * jnp.abs(z) / jnp.sqrt(xn2)[:, None] * G_col[None, :]
+        near = (move <= 1e-3) & (kick <= 1e-3)
+        mask, sl, x, feasible, e = _events(problem, unravel, mask, sl0, x0, tau, cand, near)
+        # the step ends where the first kink it would cross is reached (linear prediction),
+        # unless crossing it inside the step costs little: the field jumps there by
+        # (hi - lo) e_nj x_n / s in column j, an error of about h |jump| (error units); a
+        # kink reached in the first 1% of the step is crossed at once
+        kink = problem.model.kink
+        f_jump = (kink.hi - kink.lo) * jnp.abs(e) / pt0.s * jnp.sqrt(spread / x0.shape[0])
+        cut = (cand & ~(mask & ~st.mask) & (h * f_jump > 0.1) & (t_hit > 0.01 * h)
+               & ~(feasible & near))
+        h_eff = jnp.minimum(h, jnp.min(jnp.where(cut, t_hit, jnp.inf)))
+        moved = jnp.any(mask != st.mask)
+        pt = jax.lax.cond(moved, lambda: _field(problem, unravel, x, tau, sl), lambda: pt0)
+        jump = jnp.sqrt(jnp.mean(((x - x0) / scale) ** 2))
+    h_cut = h_eff < h
+    h = h_eff
     solve = _woodbury(pt, x, tau, h)
     # tau is a state variable of the autonomized system; its column of the Jacobian,
     # dF/dtau = -(e^tau / s) P G^T M G x, is the same rank-N (Gauss-Newton) part
@@ -148,26 +325,41 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
     k1 = solve(pt.F + _ROS2_GAMMA * h * F_tau)
     x_stage = x + h * k1
     x_stage = x_stage / jnp.linalg.norm(x_stage)
-    k2 = solve(_field_only(problem, unravel, x_stage, tau + h) - 2.0 * k1
+    k2 = solve(_field_only(problem, unravel, x_stage, tau + h, sl) - 2.0 * k1
                - _ROS2_GAMMA * h * F_tau)
     x_new = x + h * (1.5 * k1 + 0.5 * k2)
     x_new = x_new / jnp.linalg.norm(x_new)
-    err = jnp.sqrt(jnp.mean((0.5 * h * (k1 + k2) / (atol + rtol * jnp.abs(x))) ** 2))
-    new_pt = _field(problem, unravel, x_new, tau + h)
+    err = jnp.sqrt(jnp.mean((0.5 * h * (k1 + k2) / scale) ** 2))
+    if sl0 is not None:
+        cross = ~mask & (_kink_z(problem, x) * _kink_z(problem, x_new) < 0)
+        mask, sl, x_proj, _, _ = _events(problem, unravel, mask, sl, x_new, tau + h, cross,
+                                          cross)
+        jump = jnp.maximum(jump, jnp.sqrt(jnp.mean(((x_proj - x_new) / scale) ** 2)))
+        # a capture at the end of the step must not kick the soft-min weights either
+        du = jnp.exp(tau + h) * (pt.G @ (x_proj - x_new))
+        jump = jnp.maximum(jump, jnp.max(jnp.abs(du)) / 1e-3)
+        x_new = x_proj
+    err = jnp.maximum(err, jump)
+    new_pt = _field(problem, unravel, x_new, tau + h, sl)
 
     finite = jnp.all(jnp.isfinite(x_new)) & jnp.isfinite(new_pt.phi) & jnp.isfinite(err)
     accepted = finite & (err <= 1.0) & (new_pt.s > 0)
     factor = jnp.clip(0.9 * jnp.where(finite & (err > 0), err, 1e-10) ** -0.5, 0.2, 4.0)
-    h_next = jnp.minimum(jnp.where(finite, h * factor, 0.25 * h), h_max)
+    h_next = jnp.where(finite, h * factor, 0.25 * h)
+    # a step cut short at a kink says nothing against the step it was cut from
+    h_next = jnp.minimum(jnp.where(h_cut & accepted, jnp.maximum(h_next, st.h), h_next), h_max)
     log_t_new = jnp.logaddexp(st.log_t, _log_integral_exp_linear(pt.phi, new_pt.phi, h))
     status = jnp.where(finite & (err <= 1.0) & (new_pt.s <= 0), NOT_RADIAL, OK)
     status = jnp.where(h_next < 1e-14, jnp.where(finite, STEP_UNDERFLOW, NONFINITE), status)
     pick = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(accepted, u, v), a, b)
     return PolarState(
-        x=jnp.where(accepted, x_new, x), tau=jnp.where(accepted, tau + h, tau),
-        log_t=jnp.where(accepted, log_t_new, st.log_t), h=h_next, point=pick(new_pt, pt),
+        x=jnp.where(accepted, x_new, x0), tau=jnp.where(accepted, tau + h, tau),
+        log_t=jnp.where(accepted, log_t_new, st.log_t), h=h_next, point=pick(new_pt, pt0),
         steps=st.steps + accepted, rejected=st.rejected + (~accepted), status=status,
-        energy=st.energy + jnp.where(accepted, jnp.sum((x_new - x) ** 2) / h, 0.0))
+        energy=st.energy + jnp.where(accepted, jnp.sum((x_new - x0) ** 2) / h, 0.0),
+        speed_int=st.speed_int + jnp.where(accepted, 0.5 * h * (pt.F @ pt.F + new_pt.F @ new_pt.F),
+                                           0.0),
+        mask=pick(mask, st.mask), slide=pick(sl, st.slide))
 
 
 def _polar_loop(problem: Problem, unravel, st: PolarState, log_t_stop, tau_stop, log_loss_stop,
@@ -181,12 +373,16 @@ def _polar_loop(problem: Problem, unravel, st: PolarState, log_t_stop, tau_stop,
                               st)
 
 
-def _polar_start(problem: Problem, unravel, flat_t0, log_t0) -> PolarState:
+def _polar_start(problem: Problem, unravel, flat_t0, log_t0, sliding: bool = False) -> PolarState:
     rho = jnp.linalg.norm(flat_t0)
     x0, tau0 = flat_t0 / rho, jnp.log(rho)
+    mask = sl = None
+    if sliding and problem.model.kink is not None:
+        mask = jnp.zeros(_kink_z(problem, x0).shape, bool)
+        sl = _sliding(problem, mask, jnp.full(mask.shape, jnp.nan, x0.dtype))
     return PolarState(x0, tau0, jnp.asarray(log_t0, jnp.float64), jnp.asarray(1e-3),
-                      _field(problem, unravel, x0, tau0), jnp.asarray(0), jnp.asarray(0),
-                      jnp.asarray(OK), jnp.asarray(0.0))
+                      _field(problem, unravel, x0, tau0, sl), jnp.asarray(0), jnp.asarray(0),
+                      jnp.asarray(OK), jnp.asarray(0.0), jnp.asarray(0.0), mask, sl)
 
 
 @dataclass(frozen=True)
@@ -222,18 +418,49 @@ def _advance(problem: Problem, st: PolarState, log_t_stop, tau_stop, log_loss_st
 _diagnostics_jit = jax.jit(diagnostics)
 
 
+def _log_smoothed(problem: Problem, unravel, x, tau, sl=None):
+    """log gamma_tilde at theta = e^tau x (with the sliding state's kink derivatives)."""
+    log_loss = logsumexp(-_per_point_neg_log_loss(problem, unravel, jnp.exp(tau) * x, sl))
+    return jnp.log(problem.loss.inverse(log_loss)) - problem.order * tau
+
+
+@partial(jax.jit, static_argnames=("unravel",))
+def _lemma_5_1(problem: Problem, x, tau, F, sl=None, *, unravel):
+    """(d log gamma_tilde / d tau, ||d theta_hat / d tau||^2) along the velocity F the flow
+    follows: Lemma 5.1 in tau says the first is >= L times the second. The JVP along F is
+    the directional derivative: at a kink the flow slides on, F is tangent (the kink's
+    derivative multiplies dz/dtau = 0); a kink that just left keeps the derivative of the
+    side F moves to (``Sliding.slope``)."""
+    _, rate = jax.jvp(lambda x, tau: _log_smoothed(problem, unravel, x, tau, sl), (x, tau),
+                      (F, jnp.ones_like(tau)))
+    return rate, F @ F
+
+
 class _Recorder:
     """Diagnostics (the one shared function) at saved points, plus solver statistics."""
 
-    def __init__(self, problem: Problem, snapshots: bool, kkt: bool):
-        self.problem, self.snapshots, self.kkt = problem, snapshots, kkt
+    def __init__(self, problem: Problem, snapshots: bool, kkt: bool, unravel=None):
+        self.problem, self.snapshots, self.kkt, self.unravel = problem, snapshots, kkt, unravel
         self.rows, self.snaps = [], []
         self._diag = _diagnostics_jit
 
-    def __call__(self, params, log_t, phase, steps, rejected, wall, energy=math.nan):
+    def __call__(self, params, log_t, phase, steps, rejected, wall, energy=math.nan,
+                 state: PolarState | None = None):
         d = self._diag(self.problem, params)
         row = d.columns()
         row["path_energy"] = energy
+        # beta of the velocity the flow follows (phase 2: the minimum-norm Clarke element
+        # when kinks slide; otherwise the autodiff gradient, the ``beta`` column), and
+        # Lemma 5.1's two sides along that velocity
+        row.update(flow_beta=row["beta"], sliding=0, dlog_smoothed_dtau=math.nan,
+                   speed2=math.nan, speed_integral=math.nan)
+        if state is not None:
+            rate, speed2 = _lemma_5_1(self.problem, state.x, state.tau, state.point.F,
+                                      state.slide, unravel=self.unravel)
+            row.update(flow_beta=float(state.point.s / jnp.linalg.norm(state.point.g)),
+                       sliding=0 if state.mask is None else int(jnp.sum(state.mask)),
+                       dlog_smoothed_dtau=float(rate), speed2=float(speed2),
+                       speed_integral=float(state.speed_int))
         if self.kkt:
             row.update({k: float(v) for k, v in kkt_columns(self.problem, params).items()})
         row.update(step=int(steps), attempts=int(steps + rejected), log_T=float(log_t),
@@ -275,7 +502,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
          h_max: float = 0.01, max_steps: int = 1_000_000, max_wall_s: float | None = None,
-         progress: bool = True, snapshots: bool = True, kkt: bool = True,
+         sliding: bool = True, progress: bool = True, snapshots: bool = True, kkt: bool = True,
          config: dict | None = None) -> Trajectory:
     """Simulate gradient flow from ``params0`` and record diagnostics.
 
@@ -291,8 +518,16 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     only ``tau_max`` is given). Columns are those of ``descent`` (``log_T`` is log t, ``step``
     counts accepted solver steps; tau is ``log_rho``) plus ``phase``, ``rejected``, ``wall_s``,
     ``path_energy`` (phase 2: sum of ||Delta theta_hat||^2 / Delta tau over accepted steps,
-    the simulated path's int (beta^-2 - 1) d tau since t0, for Lemma C.9's check),
+    the simulated path's int (beta^-2 - 1) d tau since t0, for Lemma C.9's check;
+    ``speed_integral``: the same integral by the trapezoid rule on |d theta_hat / d tau|^2
+    over the solver's steps),
     and (with ``kkt``) ``kkt_eps``/``kkt_delta`` of ``kkt.kkt_residual``.
+
+    ``sliding`` (default True) makes phase 2 follow the minimum-norm Clarke velocity on a
+    model with declared kinks (see the module docstring); phase-2 rows then also carry
+    ``flow_beta`` (beta of the velocity followed), ``sliding`` (kinks in the sliding set),
+    and Lemma 5.1's sides along that velocity, ``dlog_smoothed_dtau`` and ``speed2``
+    (||d theta_hat / d tau||^2).
 
     Data that never separate stop at ``t0_limit`` with status "not_separated" and a
     warning. A solver failure (diffrax's result code in phase 1; step-size underflow,
@@ -304,14 +539,14 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
-    rec = _Recorder(problem, snapshots, kkt)
+    rec = _Recorder(problem, snapshots, kkt, unravel)
     meta = {"engine": "flow", "model": problem.model.name, "order": problem.order,
             "layer_orders": list(problem.model.layer_orders), "loss": problem.loss.name,
             "n": problem.n, "log_threshold": problem.loss.log_threshold,
             "config": config or {}, "versions": package_versions(),
             "stop": {"log_t_max": log_t_max, "tau_max": tau_max, "log_loss_min": log_loss_min},
             "solver": {"phase1": "Tsit5 + PIDController", "phase2": "ROS2 W-method (rank-N)",
-                       "rtol": rtol, "atol": atol, "polar_rtol": polar_rtol,
+                       "sliding": sliding and problem.model.kink is not None, "rtol": rtol, "atol": atol, "polar_rtol": polar_rtol,
                        "polar_atol": polar_atol}}
     lt_max = math.inf if log_t_max is None else float(log_t_max)
     tau_stop = math.inf if tau_max is None else float(tau_max)
@@ -358,7 +593,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 
     # ---- phase 2: log-polar time
     log_t0 = math.log(t0) if t0 > 0 else -math.inf  # separated at t = 0: t grows from 0
-    st = _polar_start(problem, unravel, flat_t0, log_t0)
+    st = _polar_start(problem, unravel, flat_t0, log_t0, sliding)
     tau0 = st.tau
     if not float(st.point.s) > 0:
         raise ValueError(f"<theta_hat, -grad L> = {float(st.point.s):.3g} <= 0 at t0 = {t0:g}; "
@@ -377,9 +612,14 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     for mark in marks:
         lt_stop = min(mark, lt_max) if key == "log_t" else lt_max
         ta_stop = min(mark, tau_stop) if key == "tau" else tau_stop
-        st = advance(problem, st, jnp.asarray(lt_stop), jnp.asarray(ta_stop),
-                     jnp.asarray(ll_stop), jnp.asarray(max_steps))
-        status = int(st.status)
+        while True:  # in chunks of steps, so that the wall budget is checked in between
+            cap = min(max_steps, int(st.steps) + _CHUNK)
+            st = advance(problem, st, jnp.asarray(lt_stop), jnp.asarray(ta_stop),
+                         jnp.asarray(ll_stop), jnp.asarray(cap))
+            status = int(st.status)
+            if status != OK or int(st.steps) < cap or cap >= max_steps or (
+                    max_wall_s is not None and time.perf_counter() - start >= max_wall_s):
+                break
         if status == OK and int(st.steps) >= max_steps:
             status = MAX_STEPS
         bar.update(1)
@@ -388,7 +628,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         last_steps = int(st.steps)
         rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2,
             p1["steps"] + int(st.steps), p1["rejected"] + int(st.rejected),
-            time.perf_counter() - start, float(st.energy))
+            time.perf_counter() - start, float(st.energy), st)
         bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps))
         if (status != OK or float(st.log_t) >= lt_max or float(st.tau) >= tau_stop
                 or float(st.point.log_loss) <= ll_stop):
@@ -417,7 +657,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
                t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
                polar_rtol: float = 1e-6, polar_atol: float = 1e-6, h_max: float = 0.01,
-               max_steps: int = 100_000) -> list[Trajectory]:
+               max_steps: int = 100_000, sliding: bool = True) -> list[Trajectory]:
     """Gradient flow from a batch of initial parameters (leading axis) in one jitted,
     vmapped call: phase 1 (diffrax, with its Event) and phase 2 (ROS2 in log-polar time)
     are pure functions of one initial point, and ``jax.vmap`` batches them.
@@ -442,14 +682,18 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         separated = already | (sol.result == diffrax.RESULTS.event_occurred)
         t0 = jnp.where(already, 0.0, sol.ts[-1])
         flat_t0 = jnp.where(already, flat, sol.ys[-1])
-        st = _polar_start(problem, unravel, flat_t0, jnp.log(t0))
+        st = _polar_start(problem, unravel, flat_t0, jnp.log(t0), sliding)
         st = st._replace(status=jnp.where(separated, st.status, NOT_SEPARATED))
 
         def save(st, mark):
             st = _polar_loop(problem, unravel, st, mark, jnp.inf, -jnp.inf, max_steps,
                              polar_rtol, polar_atol, h_max)
+            rate, speed2 = _lemma_5_1(problem, st.x, st.tau, st.point.F, st.slide,
+                                      unravel=unravel)
+            n_sliding = 0 if st.mask is None else jnp.sum(st.mask)
             return st, (jnp.exp(st.tau) * st.x, st.log_t, st.steps, st.rejected, st.status,
-                        st.energy)
+                        st.energy, st.point.s / jnp.linalg.norm(st.point.g), n_sliding, rate,
+                        speed2, st.speed_int)
 
         _, saved = jax.lax.scan(save, st, marks)
         return t0, flat_t0, sol.stats["num_accepted_steps"], saved
@@ -474,6 +718,11 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
                        log_T=log_t[keep], log_lr=np.full(keep.sum(), math.nan),
                        separated=columns["log_loss"] < threshold, phase=np.full(keep.sum(), 2),
                        rejected=rejected[keep], path_energy=energy[keep])
+        # the t0 record (first) has no polar state: its velocity is the autodiff one
+        for k, j, first in (("flow_beta", 6, columns["beta"][0]), ("sliding", 7, 0),
+                            ("dlog_smoothed_dtau", 8, math.nan), ("speed2", 9, math.nan),
+                            ("speed_integral", 10, 0.0)):
+            columns[k] = np.concatenate([[first], np.asarray(saved[j][b])])[keep]
         status = int(np.asarray(saved[4][b])[-1])
         meta = {"engine": "flow_batch", "model": problem.model.name, "order": problem.order,
                 "loss": problem.loss.name, "n": problem.n, "seed_index": b,
@@ -502,13 +751,9 @@ def polar_rates(problem: Problem, params) -> dict:
     flat, unravel = _ravel(params)
     rho = jnp.linalg.norm(flat)
     x, tau = flat / rho, jnp.log(rho)
-    L = problem.order
-
-    def log_smoothed(x, tau):
-        return jnp.log(problem.loss.inverse(problem.log_loss(unravel(jnp.exp(tau) * x)))) - L * tau
-
     F = _field_only(problem, unravel, x, tau)
-    _, rate = jax.jvp(log_smoothed, (x, tau), (F, jnp.ones_like(tau)))
+    _, rate = jax.jvp(lambda x, tau: _log_smoothed(problem, unravel, x, tau), (x, tau),
+                      (F, jnp.ones_like(tau)))
     g = -jax.grad(lambda z: problem.log_loss(unravel(z)))(flat)
     beta = (x @ g) / jnp.linalg.norm(g)
     return {"dlog_smoothed_dtau": rate, "speed2": F @ F, "beta": beta}

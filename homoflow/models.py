@@ -38,6 +38,8 @@ class Model:
     layer_orders: tuple[float, ...]
     n_outputs: int = 1
     config: dict = field(default_factory=dict, compare=False)
+    # first-layer kinks (``Kink``) for the flow's sliding mode; None: no kink is handled
+    kink: Kink | None = None
     # False for a comparison model that is *not* homogeneous (e.g. a CNN with every bias);
     # ``order`` is then only nominal and ``make_problem`` refuses it unless told otherwise
     homogeneous: bool = True
@@ -61,16 +63,37 @@ class Activation(NamedTuple):
     name: str
     fn: Callable[[jax.Array], jax.Array]
     degree: float  # phi(c x) = c**degree phi(x) for c > 0
+    # for a kink at 0: the Clarke derivative [lo, hi] there; None without a kink
+    clarke: tuple[float, float] | None = None
+
+
+class Kink(NamedTuple):
+    """The first-layer activation kinks of a network, for the flow's sliding mode.
+
+    The first leaf of the parameters is the first layer's weight W (d, m) and
+    ``pre(params, X) = X.reshape(N, -1) @ W`` the pre-activations z (N, m), whose zeros are
+    the kinks; ``apply_offset(params, X, o, slope)`` is ``apply`` with ``o`` (N, m) added to
+    the activation's output and, where the array ``slope`` (N, m) is finite, the
+    activation's derivative set to it (its value unchanged; NaN: autodiff's derivative). The
+    activation's Clarke derivative at
+    0 is [lo, hi]; ``width`` is m.
+    """
+    pre: Callable
+    apply_offset: Callable
+    lo: float
+    hi: float
+    width: int
 
 
 def relu() -> Activation:
-    return Activation("relu", jax.nn.relu, 1.0)
+    return Activation("relu", jax.nn.relu, 1.0, (0.0, 1.0))
 
 
 def leaky_relu(slope: float = 0.01) -> Activation:
     if not 0 <= slope < 1:
         raise ValueError(f"leaky_relu slope must be in [0, 1), got {slope}")
-    return Activation(f"leaky_relu({slope})", lambda x: jnp.where(x >= 0, x, slope * x), 1.0)
+    return Activation(f"leaky_relu({slope})", lambda x: jnp.where(x >= 0, x, slope * x), 1.0,
+                      (float(slope), 1.0))
 
 
 def relu_power(alpha: float) -> Activation:
@@ -141,8 +164,24 @@ def mlp(widths: Sequence[int], activation="relu") -> Model:
             h = act.fn(h @ W)
         return _squeeze_binary(h @ params[-1], widths[-1])
 
+    kink = None
+    if act.clarke is not None and depth >= 2:
+        def pre(params, X):
+            return X.reshape(X.shape[0], -1) @ params[0]
+
+        def apply_offset(params, X, offset, slope):
+            z = pre(params, X)
+            h = act.fn(z)
+            fixed = jnp.isfinite(slope)
+            d = jnp.where(fixed, slope, 0.0)  # no NaN in the branch where() discards
+            h = jnp.where(fixed, d * z + jax.lax.stop_gradient(h - d * z), h) + offset
+            for W in params[1:-1]:
+                h = act.fn(h @ W)
+            return _squeeze_binary(h @ params[-1], widths[-1])
+
+        kink = Kink(pre, apply_offset, act.clarke[0], act.clarke[1], int(widths[1]))
     return Model(f"mlp[{act.name}]", init, apply, float(sum(orders)), orders, widths[-1],
-                 {"widths": tuple(widths), "activation": act.name})
+                 {"widths": tuple(widths), "activation": act.name}, kink=kink)
 
 
 def deep_linear(widths: Sequence[int]) -> Model:

@@ -36,7 +36,9 @@ class Problem(eqx.Module):
 
     def score_gaps(self, params):
         """(s, mask): s_nj = Phi_y - Phi_j (0 where j = y) and the mask of j = y_n."""
-        out = self.outputs(params)
+        return self.score_gaps_of(self.outputs(params))
+
+    def score_gaps_of(self, out):
         mask = jax.nn.one_hot(self.y, out.shape[1], dtype=bool)
         s = jnp.take_along_axis(out, self.y[:, None], axis=1) - out
         return jnp.where(mask, 0.0, s), mask
@@ -48,10 +50,14 @@ class Problem(eqx.Module):
         q~_n = -LSE_{j!=y}(-s_nj) and s_bar_n = sum_{j!=y} softmax_j(-s_n) s_nj, so that
         <theta, grad q~_n> = L s_bar_n (Euler's theorem applied to each s_nj).
         """
+        return self.margin_terms_of(self.outputs(params))
+
+    def margin_terms_of(self, out):
+        """``margin_terms`` from the model's outputs ``out`` on X."""
         if not self.model.multiclass:
-            q = self.y * self.outputs(params)
+            q = self.y * out
             return q, q, q
-        s, mask = self.score_gaps(params)
+        s, mask = self.score_gaps_of(out)
         logits = jnp.where(mask, -jnp.inf, -s)  # masked entries never carry NaN gradients
         q_loss = -logsumexp(logits, axis=1)
         s_bar = jnp.sum(jax.nn.softmax(logits, axis=1) * s, axis=1)
