@@ -214,7 +214,10 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near):
     Xf = problem.X.reshape(problem.n, -1)
     mu = -(Xf @ jnp.einsum("jab,bj->aj", sl_t.Minv, _first_layer(g_lo, d, m)))
     bound = (kink.hi - kink.lo) * e
-    ok = (mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
+    # a candidate can only attract if e (hi - lo) < 0 (else both sides push away from it
+    # or through it): with a feasible multiplier it would be an unstable sliding mode
+    ok = ((mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
+          & (mask | (bound < 0)))
     # of S, only the kink of each neuron whose multiplier is farthest outside its bounds
     # leaves per update: the multipliers of a neuron's kinks are coupled (releasing one
     # moves the others), so releasing every violator at once releases kinks that only
@@ -664,8 +667,12 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
 
     Saves the state at t0 and at the first step at or past each of ``n_saves`` log-spaced
     values of log t in [1, log_t_max], shared by all seeds. Returns one Trajectory per
-    seed (columns as ``flow``; ``meta["status"]`` per seed). A vmapped call gives the same
-    numbers as separate calls (the test checks 1e-12).
+    seed (columns as ``flow``; ``meta["status"]`` per seed). On kink-free models a vmapped
+    call gives the same numbers as separate calls (the test checks 1e-10). With sliding
+    kinks, batched kernels round differently in the last bits and the solver's discrete
+    decisions (which kink enters or leaves the sliding set at which step) can differ, so
+    batched and separate runs agree only to the solve's accuracy (measured: normalized
+    margins to ~1e-4 at log t = 100 on a width-20 ReLU net).
     """
     leaves = jax.tree_util.tree_leaves(params0)
     batch = leaves[0].shape[0]

@@ -1,8 +1,7 @@
 """Gradient flow: phase 1 (diffrax, original time) and phase 2 (log-polar ROS2 W-method).
 
-These checks use models without kinks (linear, deep linear, the Mexican hat): on ReLU
-networks the autodiff selection makes the log-polar solve chatter along activation
-boundaries (see the flow module's status in the README)."""
+These checks use models without kinks (linear, deep linear, the Mexican hat); the ReLU
+network's sliding flow is checked in ``test_sliding.py``."""
 
 import math
 import warnings
