@@ -134,6 +134,13 @@ def audit(traj, L: float) -> dict:
     for name, lhs in (("lemma_c9_speed_integral", np.diff(speed)),
                       ("lemma_c9_path_energy", np.diff(energy))):
         out[name]["max_relative_excess"] = float(np.max(lhs / rhs - 1.0))
+        for k in range(1, 13):  # violations by decade of log t (where the window ends)
+            inside = (lt[1:] >= 10.0 ** (k - 1)) & (lt[1:] < 10.0 ** k)
+            if inside.any():
+                out[name].setdefault("by_decade", {})[f"1e{k - 1}..1e{k}"] = {
+                    "windows": int(inside.sum()),
+                    "violations": int((lhs[inside] > rhs[inside]).sum()),
+                    "max_relative_excess": float(np.max(lhs[inside] / rhs[inside] - 1.0))}
     return out
 
 
@@ -171,6 +178,11 @@ def main(argv=None) -> int:
               + (f", first at log t = {v['first_log_t']:.4g}" if v["violations"] else "")
               + (f" (left side at most {1 + v['max_relative_excess']:.4g} x the right)"
                  if v.get("max_relative_excess", -1) > 0 else ""))
+    for k in ("lemma_c9_speed_integral", "lemma_c9_path_energy"):
+        print(f"  {k} by decade of log t (windows, violations, largest left/right - 1):")
+        for dec, v in checks[k]["by_decade"].items():
+            print(f"    {dec:>10}: {v['windows']:>4} {v['violations']:>4} "
+                  f"{v['max_relative_excess']:+.3g}")
     write_report({"budget_s": args.budget, "polar_tol": args.polar_tol, "homoflow": hf, "plain": plain, "ratio_log_t": ratio},
                  args.out, "flow_reach.py", sys.argv[1:] if argv is None else argv)
     return 0
