@@ -157,7 +157,7 @@ def _project(sl: Sliding, v):
 def _field(problem, unravel, x, tau, sl=None) -> PolarPoint:
     """The direction field at (x, tau) with the Jacobian G of the per-point log losses.
     With a sliding set, G's rows (hence g) are projected onto its tangent space: g is then
-    the minimum-norm Clarke element (see ``_update_sliding``)."""
+    the minimum-norm Clarke element (see ``_events``)."""
     v = jnp.exp(tau) * x
     u, pullback = jax.vjp(lambda z: _per_point_neg_log_loss(problem, unravel, z, sl), v)
     G = jax.vmap(pullback)(jnp.eye(u.shape[0], dtype=u.dtype))[0]
@@ -758,12 +758,11 @@ def polar_rates(problem: Problem, params) -> dict:
     flat, unravel = _ravel(params)
     rho = jnp.linalg.norm(flat)
     x, tau = flat / rho, jnp.log(rho)
-    F = _field_only(problem, unravel, x, tau)
-    _, rate = jax.jvp(lambda x, tau: _log_smoothed(problem, unravel, x, tau), (x, tau),
-                      (F, jnp.ones_like(tau)))
+    rate, speed2 = _lemma_5_1(problem, x, tau, _field_only(problem, unravel, x, tau),
+                              unravel=unravel)
     g = -jax.grad(lambda z: problem.log_loss(unravel(z)))(flat)
     beta = (x @ g) / jnp.linalg.norm(g)
-    return {"dlog_smoothed_dtau": rate, "speed2": F @ F, "beta": beta}
+    return {"dlog_smoothed_dtau": rate, "speed2": speed2, "beta": beta}
 
 
 def align(descent_traj: Trajectory, flow_traj: Trajectory) -> dict:

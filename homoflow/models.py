@@ -6,9 +6,11 @@ L = sum k_i (paper Section 4.4, Appendix G). ``apply(params, X)`` returns shape 
 for a binary model (``n_outputs == 1``) and ``(N, C)`` for a C-class model.
 
 Clarke selection. Gradients are whatever autodiff returns: ``jax.nn.relu`` has
-derivative 0 at 0, leaky ReLU has derivative ``slope`` at 0, and max-pooling sends the
-cotangent to one maximal element of each window (XLA's select-and-scatter picks the
-first maximum in window order). Each is an element of the Clarke subdifferential.
+derivative 0 at 0, leaky ReLU (``where(x >= 0, x, slope x)``) has derivative 1 at 0, and
+max-pooling sends the cotangent to one maximal element of each window (XLA's
+select-and-scatter picks the first maximum in window order). Each is an element of the
+Clarke subdifferential. ``Model.kink`` (set by ``mlp`` for ReLU and leaky ReLU) lets the flow
+choose the minimum-norm element at the first layer's kinks instead (``homoflow.flow``).
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ class Kink(NamedTuple):
     """The first-layer activation kinks of a network, for the flow's sliding mode.
 
     The first leaf of the parameters is the first layer's weight W (d, m) and
-    ``pre(params, X) = X.reshape(N, -1) @ W`` the pre-activations z (N, m), whose zeros are
-    the kinks; ``apply_offset(params, X, o, slope)`` is ``apply`` with ``o`` (N, m) added to
+    z = X.reshape(N, -1) @ W are the pre-activations (N, m), whose zeros are the kinks
+    (the flow relies on this layout); ``apply_offset(params, X, o, slope)`` is ``apply``
+    with ``o`` (N, m) added to
     the activation's output and, where the array ``slope`` (N, m) is finite, the
     activation's derivative set to it (its value unchanged; NaN: autodiff's derivative). The
     activation's Clarke derivative at
     0 is [lo, hi]; ``width`` is m.
     """
-    pre: Callable
     apply_offset: Callable
     lo: float
     hi: float
@@ -166,11 +168,8 @@ def mlp(widths: Sequence[int], activation="relu") -> Model:
 
     kink = None
     if act.clarke is not None and depth >= 2:
-        def pre(params, X):
-            return X.reshape(X.shape[0], -1) @ params[0]
-
         def apply_offset(params, X, offset, slope):
-            z = pre(params, X)
+            z = X.reshape(X.shape[0], -1) @ params[0]
             h = act.fn(z)
             fixed = jnp.isfinite(slope)
             d = jnp.where(fixed, slope, 0.0)  # no NaN in the branch where() discards
@@ -179,7 +178,7 @@ def mlp(widths: Sequence[int], activation="relu") -> Model:
                 h = act.fn(h @ W)
             return _squeeze_binary(h @ params[-1], widths[-1])
 
-        kink = Kink(pre, apply_offset, act.clarke[0], act.clarke[1], int(widths[1]))
+        kink = Kink(apply_offset, act.clarke[0], act.clarke[1], int(widths[1]))
     return Model(f"mlp[{act.name}]", init, apply, float(sum(orders)), orders, widths[-1],
                  {"widths": tuple(widths), "activation": act.name}, kink=kink)
 
