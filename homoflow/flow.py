@@ -188,7 +188,7 @@ def _field_only(problem, unravel, x, tau, sl=None) -> jax.Array:
     return g / (x @ g) - x
 
 
-def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near):
+def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near, hold_unit):
     """Update the sliding set at x (DESIGN §3, "event handling"): the attracting kinks of
     ``cand`` that are ``near`` enter, every kink of S whose multiplier is infeasible
     leaves, and x is projected onto the new set.
@@ -203,6 +203,11 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near):
     multiplier leaves [lo, hi]: the flow then moves to the side whose derivative is that
     bound. z is linear in theta, so the projection onto z_S = 0 is exact; x is then
     renormalized.
+
+    A member leaves only once its sigma is out of bounds by more than
+    min(1e-2, hold_unit / |e|) (hysteresis; ``hold_unit`` / |e| is the excess at which
+    holding it through a step of h_max would cost 0.1 error units): a kink whose multiplier
+    grazes its bound would otherwise be released and recaptured step after step.
 
     Returns (mask, sliding, x projected and renormalized, the feasible candidates, e, and
     by how much each member of ``mask`` has its sigma = mu / e outside [0, hi - lo]).
@@ -238,6 +243,8 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near):
                        jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
     over = jnp.where(mask, jnp.maximum(excess, 0.0), 0.0)   # how far S's members are out
     excess = jnp.where(mask & ~ok, excess, -1.0)
+    excess = jnp.where(excess > jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300)),
+                       excess, -1.0)
     released = (excess >= 0) & (excess == jnp.max(excess, axis=0, keepdims=True))
     mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
     # a kink leaving S keeps the bound its multiplier passed while it is at z = 0
@@ -315,14 +322,15 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
             pt0.G[:, :d * m].reshape(-1, d, m) ** 2, axis=1), axis=0))       # (m,)
         kick = jnp.exp(tau) * jnp.abs(z) / jnp.sqrt(xn2)[:, None] * G_col[None, :]
         near = (move <= 1e-3) & (kick <= 1e-3)
+        kink = problem.model.kink
+        jump_unit = (kink.hi - kink.lo) / pt0.s * jnp.sqrt(spread / x0.shape[0])
+        hold_unit = 0.2 / (h_max * jump_unit)
         mask, sl, x, feasible, e, _ = _events(problem, unravel, mask, sl0, x0, tau, cand,
-                                              near)
+                                              near, hold_unit)
         # the step ends where the first kink it would cross is reached (linear prediction),
         # unless crossing it inside the step costs little: the field jumps there by
         # (hi - lo) e_nj x_n / s in column j, an error of about h |jump| (error units); a
         # kink reached in the first 1% of the step is crossed at once
-        kink = problem.model.kink
-        jump_unit = (kink.hi - kink.lo) / pt0.s * jnp.sqrt(spread / x0.shape[0])
         f_jump = jump_unit * jnp.abs(e)
         cut = (cand & ~(mask & ~st.mask) & (h * f_jump > 0.1) & (t_hit > 0.01 * h)
                & ~(feasible & near))
@@ -353,7 +361,7 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max):
         z_a, z_b = _kink_z(problem, x), _kink_z(problem, x_new)
         cross = ~mask & (z_a * z_b < 0)
         mask, sl, x_proj, _, e_end, over = _events(problem, unravel, mask, sl, x_new, tau + h,
-                                                    cross, cross)
+                                                    cross, cross, hold_unit)
         jump = jnp.maximum(jump, jnp.sqrt(jnp.mean(((x_proj - x_new) / scale) ** 2)))
         # a kink whose multiplier left its bounds during the step was held past its release:
         # the velocity it forced differs from the flow's by over * (hi - lo) |e| x_n / s,
