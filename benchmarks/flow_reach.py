@@ -16,7 +16,8 @@ per decade of log t, and an audit of issue 3's checks on homoflow's run (``audit
 writes
 ``benchmarks/results/flow_reach.json``.
 
-    python benchmarks/flow_reach.py [--budget 120] [--polar-tol 1e-6] [--no-plain]
+    python benchmarks/flow_reach.py [--budget 120] [--polar-tol 1e-6] [--stiff-ref 1e5]
+                                    [--no-plain]
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ def plain_reach(problem, params0, budget: float) -> dict:
             "log_loss": log_loss, "wall_s": time.perf_counter() - start}
 
 
-def homoflow_reach(problem, params0, budget: float, polar_tol: float = 1e-6) -> dict:
+def homoflow_reach(problem, params0, budget: float, polar_tol: float = 1e-6,
+                   stiff_ref: float = 1e5) -> dict:
     start = time.perf_counter()
     traj = flow(problem, params0, log_t_max=1e12, max_wall_s=budget, n_saves=400,
-                polar_rtol=polar_tol, polar_atol=polar_tol, progress=False, snapshots=False)
+                polar_rtol=polar_tol, polar_atol=polar_tol, stiff_ref=stiff_ref, progress=False,
+                snapshots=False)
     c = traj.columns
     decades = []
     lt, steps, wall = c["log_T"], c["step"], c["wall_s"]
@@ -149,13 +152,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=120.0, help="wall-clock seconds per engine")
     ap.add_argument("--polar-tol", type=float, default=1e-6,
                     help="homoflow's phase-2 rtol = atol (flow's default 1e-6)")
+    ap.add_argument("--stiff-ref", type=float, default=1e5,
+                    help="flow's stiff_ref: the tolerances shrink like e^{-L tau} past "
+                         "e^{L tau} = this (inf: fixed tolerances)")
     ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the plain Tsit5 baseline (--no-plain skips it)")
     ap.add_argument("--out", type=Path,
                     default=RESULTS / "flow_reach.json")
     args = ap.parse_args(argv)
     problem, params0 = default_problem()
-    hf = homoflow_reach(problem, params0, args.budget, args.polar_tol)
+    hf = homoflow_reach(problem, params0, args.budget, args.polar_tol, args.stiff_ref)
     plain = (plain_reach(problem, params0, args.budget) if args.plain else
              {"log_t": math.nan, "log_loss": math.nan, "steps": 0, "wall_s": 0.0})
     print(f"budget {args.budget:g} s per engine on {jax.devices()[0].device_kind}")
@@ -183,7 +189,9 @@ def main(argv=None) -> int:
         for dec, v in checks[k]["by_decade"].items():
             print(f"    {dec:>10}: {v['windows']:>4} {v['violations']:>4} "
                   f"{v['max_relative_excess']:+.3g}")
-    write_report({"budget_s": args.budget, "polar_tol": args.polar_tol, "homoflow": hf, "plain": plain, "ratio_log_t": ratio},
+    write_report({"budget_s": args.budget, "polar_tol": args.polar_tol,
+                  "stiff_ref": args.stiff_ref, "homoflow": hf, "plain": plain,
+                  "ratio_log_t": ratio},
                  args.out, "flow_reach.py", sys.argv[1:] if argv is None else argv)
     return 0
 
