@@ -478,7 +478,7 @@ def _ravel(params):
 
 @partial(jax.jit, static_argnames=("unravel", "rtol", "atol", "h_max", "stiff_ref"))
 def _advance(problem: Problem, st: PolarState, log_t_stop, tau_stop, log_loss_stop, max_steps,
-             *, unravel, rtol, atol, h_max, stiff_ref) -> PolarState:
+             *, unravel, rtol, atol, h_max, stiff_ref=math.inf) -> PolarState:
     return _polar_loop(problem, unravel, st, log_t_stop, tau_stop, log_loss_stop, max_steps,
                        rtol, atol, h_max, stiff_ref)
 
