@@ -103,6 +103,41 @@ def test_lemma_5_1_and_the_speed_identity_hold_at_saved_points(linear_flow, deep
             assert r["speed2"] == pytest.approx(float(r["beta"]) ** -2 - 1, rel=1e-6, abs=1e-14)
 
 
+def test_speed_rate_and_the_exact_slack_of_lemma_5_1(deep_linear_flow):
+    """At saved points of the depth-3 linear flow: (a) ``_speed_rate``, the JVP of |F|^2
+    along the flow that the solver's end-corrected trapezoid for Lemma C.9's integral uses,
+    equals a central difference along (F, 1) (relative 1e-5); (b) Lemma 5.1's slack is
+    exactly L (r - 1)(1 + |F|^2) with r = sum_n w_n u_n / log(1/L) >= 1 (exponential loss,
+    u the per-point losses' exponents, w = softmax(-u); relative 1e-8): d log gamma_tilde /
+    d tau = L |g|^2 rho / (s log(1/L)) - L and rho s = L sum_n w_n u_n (Euler). r - 1 is the
+    soft-min weights' entropy over log(1/L), so C.9 turns tight as the loss falls."""
+    from homoflow import flow as F
+    prob, traj = deep_linear_flow
+    rows = np.nonzero((traj["phase"] == 2) & traj["separated"].astype(bool))[0]
+    for i in rows[:: max(1, len(rows) // 4)]:
+        p = jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), traj.snapshots)
+        flat, unravel = F._ravel(p)
+        rho = jnp.linalg.norm(flat)
+        x, tau = flat / rho, jnp.log(rho)
+        Fx = F._field_only(prob, unravel, x, tau)
+        rate = float(F._speed_rate(prob, unravel, x, tau, Fx))
+        eps = 1e-5
+
+        def f2(a):
+            v = F._field_only(prob, unravel, x + a * Fx, tau + a)
+            return float(v @ v)
+
+        assert rate == pytest.approx((f2(eps) - f2(-eps)) / (2 * eps), rel=1e-5)
+        u = F._per_point_neg_log_loss(prob, unravel, flat)
+        w = jax.nn.softmax(-u)
+        r = float(w @ u) / float(-jax.scipy.special.logsumexp(-u))
+        got = polar_rates(prob, p)
+        slack = float(got["dlog_smoothed_dtau"] - prob.order * got["speed2"])
+        assert r >= 1.0
+        assert slack == pytest.approx(prob.order * (r - 1) * (1 + float(got["speed2"])),
+                                      rel=1e-8, abs=1e-14)
+
+
 def test_descent_approaches_the_flow_linearly_in_the_step_size():
     """At equal T = sum eta, ||theta_GD - theta_flow|| = O(eta): the fitted slope of
     log distance against log eta over three step sizes lies in [0.8, 1.2]."""

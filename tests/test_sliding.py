@@ -44,7 +44,8 @@ def test_relu_flow_slides_and_satisfies_theorem_4_1_lemma_5_1_and_lemma_c9(relu_
     """After t0, on every window between saved points: gamma_tilde non-decreasing (relative
     1e-10) and Lemma C.9, int (beta^-2 - 1) d log rho <= (1/L) log(gamma_tilde ratio), with
     beta of the velocity the flow follows (trapezoid rule) and with the path's own chords
-    (``path_energy``); at every saved point Lemma 5.1 along that velocity (relative 1e-9).
+    (``path_energy``) and by the trapezoid rule over the solver's steps
+    (``speed_integral``); at every saved point Lemma 5.1 along that velocity (relative 1e-9).
     Kinks do slide (the sliding set is non-empty at the end) and every value is finite."""
     _, traj = relu_flow
     assert traj.meta["status"] == "completed" and traj.meta["solver"]["sliding"]
@@ -59,6 +60,12 @@ def test_relu_flow_slides_and_satisfies_theorem_4_1_lemma_5_1_and_lemma_c9(relu_
     lhs = 0.5 * ((fb[1:] ** -2 - 1) + (fb[:-1] ** -2 - 1)) * np.diff(tau)
     assert np.all(lhs <= rhs)
     assert np.all(np.diff(c["path_energy"][i]) <= rhs)
+    # the same integral by the end-corrected trapezoid over the solver's steps, whose error
+    # the solver controls: C.9 holds with it too, and it agrees with the chords to 10% on
+    # every window (measured: 4.2%; the chords also count the moves onto captured kinks)
+    d_speed, d_path = np.diff(c["speed_integral"][i]), np.diff(c["path_energy"][i])
+    assert np.all(d_speed <= rhs)
+    np.testing.assert_allclose(d_speed, d_path, rtol=0.1)
     assert np.all(c["dlog_smoothed_dtau"][i] >= L * c["speed2"][i] * (1 - 1e-9))
     assert c["sliding"][i][-1] > 0
     # the autodiff selection's beta is not the flow's: it stays far from 1 here
