@@ -251,9 +251,8 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near, ho
     excess = jnp.where(e == 0, jnp.inf,
                        jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
     over = jnp.where(mask, jnp.maximum(excess, 0.0), 0.0)   # how far S's members are out
-    excess = jnp.where(mask & ~ok, excess, -1.0)
-    excess = jnp.where(excess > jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300)),
-                       excess, -1.0)
+    hold = jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300))
+    excess = jnp.where(mask & ~ok & (excess > hold), excess, -1.0)
     released = (excess >= 0) & (excess == jnp.max(excess, axis=0, keepdims=True))
     mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
     # a kink leaving S keeps the bound its multiplier passed while it is at z = 0
@@ -408,26 +407,21 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max, stiff_ref=ma
         F_end, dF2_end = jax.lax.cond(jnp.any(mask != mask_step), own_set,
                                       lambda: (F_end, dF2_end))
 
-    # Lemma C.9's integral int |F|^2 d tau is part of the solution: its trapezoid value on
-    # the step must agree with the step's chord |x_new - x|^2 / h (a lower bound of the
-    # path's own integral) to 2% of their mean, else the speed jumped within the step; or
-    # differ by at most 1e-3 of what a step of h_max at this speed adds (a jump in the
-    # field at the very start of a step, e.g. a kink crossed there, is then accepted once
-    # the step is short enough for the jump not to matter)
+    # Lemma C.9's integral int |F|^2 d tau is part of the solution. On the step it is the
+    # trapezoid rule with its end correction (Euler-Maclaurin; fourth order where the speed
+    # is smooth), h (f0 + f1) / 2 - h^2 (f1' - f0') / 12, which must agree with the step's
+    # chord |x_new - x|^2 / h (a lower bound of the path's own integral) to within the
+    # largest of: 2% of their mean (else the speed jumped within the step); 1e-3 of what a
+    # step of h_max at this speed adds (a jump in the field at the very start of a step, a
+    # kink crossed there, is accepted once the step is short enough for it not to matter);
+    # a tenth of the step's own C.9 slack, (1/L) Delta log gamma_tilde minus the integral
+    # (where the slack dwarfs the integral, a linear model with 1 - beta ~ 1e-12, the
+    # integral needs no more accuracy than that); the chord's rounding (~ 2 |F| eps sqrt(P))
     f2 = 0.5 * (pt.F @ pt.F + F_end @ F_end)
-    # the trapezoid rule with its end correction (Euler-Maclaurin; fourth order where the
-    # speed is smooth): h (f0 + f1) / 2 - h^2 (f1' - f0') / 12
     trap = h * f2 - h * h * (dF2_end - pt.dF2) / 12.0
     chord = jnp.sum((x_step - x) ** 2) / h
-    # (plus the chord's rounding, ~ 2 |F| |x| eps sqrt(P) absolute); or disagree by at most
-    # a tenth of the step's own C.9 slack, (1/L) Delta log gamma_tilde minus the integral:
-    # where the slack dwarfs the integral (a linear model, 1 - beta ~ 1e-10) the integral
-    # needs no more accuracy than that
-    def log_smoothed(ll, ta):
-        return jnp.log(problem.loss.inverse(ll)) - problem.order * ta
-
-    c9_rhs = (log_smoothed(new_pt.log_loss, tau + h)
-              - log_smoothed(pt.log_loss, tau)) / problem.order
+    c9_rhs = (_log_smoothed_of(problem, new_pt.log_loss, tau + h)
+              - _log_smoothed_of(problem, pt.log_loss, tau)) / problem.order
     c9_rhs = jnp.where(jnp.isfinite(c9_rhs), c9_rhs, 0.0)  # at t0, L = l(b_f): gamma~ = 0
     err = jnp.maximum(err, jnp.abs(trap - chord) / (
         1e-2 * (trap + chord) + 1e-3 * h_max * f2
@@ -509,10 +503,15 @@ def _advance(problem: Problem, st: PolarState, log_t_stop, tau_stop, log_loss_st
 _diagnostics_jit = jax.jit(diagnostics)
 
 
+def _log_smoothed_of(problem: Problem, log_loss, tau):
+    """log gamma_tilde = log l^{-1}(L) - L tau, from log L and tau = log rho."""
+    return jnp.log(problem.loss.inverse(log_loss)) - problem.order * tau
+
+
 def _log_smoothed(problem: Problem, unravel, x, tau, sl=None):
     """log gamma_tilde at theta = e^tau x (with the sliding state's kink derivatives)."""
     log_loss = logsumexp(-_per_point_neg_log_loss(problem, unravel, jnp.exp(tau) * x, sl))
-    return jnp.log(problem.loss.inverse(log_loss)) - problem.order * tau
+    return _log_smoothed_of(problem, log_loss, tau)
 
 
 @partial(jax.jit, static_argnames=("unravel",))
@@ -593,8 +592,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
          stiff_ref: float = 1e5, h_max: float = 0.01, max_steps: int = 1_000_000,
-         max_wall_s: float | None = None, sliding: bool = True, progress: bool = True, snapshots: bool = True, kkt: bool = True,
-         config: dict | None = None) -> Trajectory:
+         max_wall_s: float | None = None, sliding: bool = True, progress: bool = True,
+         snapshots: bool = True, kkt: bool = True, config: dict | None = None) -> Trajectory:
     """Simulate gradient flow from ``params0`` and record diagnostics.
 
     Stops at the first of: log t >= ``log_t_max``, tau = log rho >= ``tau_max``,
