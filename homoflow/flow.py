@@ -587,6 +587,12 @@ def _phase1(problem, flat0, unravel, t_limit, save_t, rtol, atol, max_steps):
     return sol
 
 
+def _check_stiff_ref(stiff_ref):
+    if not stiff_ref > 0:
+        raise ValueError(f"stiff_ref must be > 0 (math.inf keeps phase 2's tolerances fixed), "
+                         f"got {stiff_ref!r}")
+
+
 def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          tau_max: float | None = None, log_loss_min: float | None = None,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
@@ -631,6 +637,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     """
     if log_t_max is None and tau_max is None and log_loss_min is None:
         raise ValueError("give at least one of log_t_max, tau_max, log_loss_min")
+    _check_stiff_ref(stiff_ref)
     start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
@@ -769,6 +776,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
     batched and separate runs agree only to the solve's accuracy (measured: normalized
     margins to ~1e-4 at log t = 100 on a width-20 ReLU net).
     """
+    _check_stiff_ref(stiff_ref)
     leaves = jax.tree_util.tree_leaves(params0)
     batch = leaves[0].shape[0]
     first = jax.tree_util.tree_map(lambda p: jnp.asarray(p[0], jnp.float64), params0)

@@ -14,7 +14,7 @@ from conftest import hard_margin_svm
 
 import homoflow
 from homoflow import data, losses, models, schedules
-from homoflow.flow import align, flow, polar_rates
+from homoflow.flow import align, flow, flow_batch, polar_rates
 from homoflow.kkt import convergence_report
 from homoflow.problem import make_problem
 
@@ -138,6 +138,16 @@ def test_speed_rate_and_the_exact_slack_of_lemma_5_1(deep_linear_flow):
                                       rel=1e-8, abs=1e-14)
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan])
+def test_flow_rejects_a_stiff_ref_that_is_not_positive(bad):
+    prob, _, _ = _linear_problem(models.linear(5))
+    params = prob.model.init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"stiff_ref must be > 0.*got"):
+        flow(prob, params, stiff_ref=bad, progress=False)
+    with pytest.raises(ValueError, match=r"stiff_ref must be > 0.*got"):
+        flow_batch(prob, jax.tree_util.tree_map(lambda a: a[None], params), stiff_ref=bad)
+
+
 def test_descent_approaches_the_flow_linearly_in_the_step_size():
     """At equal T = sum eta, ||theta_GD - theta_flow|| = O(eta): the fitted slope of
     log distance against log eta over three step sizes lies in [0.8, 1.2]."""
@@ -209,7 +219,6 @@ def test_flow_vmapped_over_seeds_gives_the_numbers_of_separate_calls():
     """One vmapped call over 3 initializations equals 3 separate calls: same saved steps,
     and log t, rho, gamma_bar equal to 1e-10 relative (batched XLA kernels round
     differently in the last bits, so not bitwise)."""
-    from homoflow.flow import flow_batch
 
     prob, _, _ = _linear_problem(models.linear(5))
     batch = jax.vmap(prob.model.init)(jax.random.split(jax.random.PRNGKey(0), 3))
