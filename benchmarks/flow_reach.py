@@ -93,7 +93,8 @@ def homoflow_reach(problem, params0, budget: float, polar_tol: float = 1e-6,
                             "wall_s": float(wall[i1] - wall[i0])})
     return {"log_t": float(lt[-1]), "steps": int(steps[-1]), "log_loss": float(c["log_loss"][-1]),
             "one_minus_beta": float(1 - c["flow_beta"][-1]),
-            "one_minus_autodiff_beta": float(1 - c["beta"][-1]), "sliding": int(c["sliding"][-1]), "wall_s": time.perf_counter() - start,
+            "one_minus_autodiff_beta": float(1 - c["beta"][-1]), "sliding": int(c["sliding"][-1]),
+            "wall_s": time.perf_counter() - start,
             "status": traj.status, "decades": decades, "checks": audit(traj, problem.order)}
 
 
@@ -101,12 +102,12 @@ def audit(traj, L: float) -> dict:
     """Issue 3's checks after t0, for each the number of violations and the first log t of
     one: on every window between saved points, gamma_tilde non-decreasing (relative 1e-10)
     and Lemma C.9, its left side int |d theta_hat / d tau|^2 d tau = int (beta^-2 - 1) dtau
-    (beta of the velocity the flow follows) by the trapezoid rule over the solver's steps
-    (``speed_integral``) and from the simulated path's chords (``path_energy``), and, as
-    coarse comparisons, by the trapezoid rule over the saved points only, with that beta
-    (``flow_beta``) and with the autodiff beta; at every saved point, Lemma 5.1 along the flow's velocity
-    (d log gamma_tilde / d tau >= L ||d theta_hat / d tau||^2, relative 1e-9), and every
-    value finite."""
+    (beta of the velocity the flow follows) by the end-corrected trapezoid rule over the
+    solver's steps (``speed_integral``) and from the simulated path's chords
+    (``path_energy``), and, as coarse comparisons, by the trapezoid rule over the saved
+    points only, with that beta (``flow_beta``) and with the autodiff beta; at every saved
+    point, Lemma 5.1 along the flow's velocity (d log gamma_tilde / d tau >=
+    L ||d theta_hat / d tau||^2, relative 1e-9), and every value finite."""
     c = traj.columns
     i = np.nonzero((c["phase"] == 2) & c["separated"].astype(bool))[0]
     i = np.concatenate([[i[0] - 1], i])   # from the t0 record (path_energy = 0 there)
@@ -129,8 +130,10 @@ def audit(traj, L: float) -> dict:
                       ("lemma_c9_path_energy", np.diff(energy) > rhs),
                       ("lemma_5_1", rate < L * speed2 * (1 - 1e-9)),
                       ("nonfinite", ~finite),
-                      ("lemma_c9_saved_points_flow_beta (coarse)", trapezoid(c["flow_beta"][i]) > rhs),
-                      ("lemma_c9_saved_points_autodiff_beta (coarse)", trapezoid(c["beta"][i]) > rhs)):
+                      ("lemma_c9_saved_points_flow_beta (coarse)",
+                       trapezoid(c["flow_beta"][i]) > rhs),
+                      ("lemma_c9_saved_points_autodiff_beta (coarse)",
+                       trapezoid(c["beta"][i]) > rhs)):
         out[name] = {"violations": int(bad.sum()),
                      "first_log_t": float(lt[1:][bad][0]) if bad.any() else None}
     # how far the accurate Lemma C.9 sides overshoot, relative to the right side
