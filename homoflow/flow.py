@@ -123,12 +123,26 @@ class PolarState(NamedTuple):
     slide: Any = None     # Sliding for ``mask``
 
 
+def _apply_first(problem: Problem, params, offset, slope):
+    """The model's outputs with the first layer's kinks given ``slope`` (NaN: autodiff's)
+    and ``offset`` (``models.Kinks``); deeper kinks keep autodiff's derivative."""
+    kinks = problem.model.kinks
+    rest = (jnp.nan,) * (kinks.layers - 1)
+    return kinks.apply(params, problem.X, (slope,) + rest, (offset,) + (0.0,) * len(rest))
+
+
+def _sliding_model(problem: Problem) -> bool:
+    """Whether phase 2 can slide on the model's kinks: a bias-free dense first layer."""
+    kinks = problem.model.kinks
+    return kinks is not None and kinks.first_dense
+
+
 def _per_point_neg_log_loss(problem: Problem, unravel, v, sl=None):
     """u_n = f(q~_n) at flat parameters v: log L = LSE(-u). With a sliding state, the
     kinks' derivatives are ``sl.slope`` where it is set."""
     if sl is None:
         return problem.loss.f(problem.margin_terms(unravel(v))[1])
-    out = problem.model.kink.apply_offset(unravel(v), problem.X, 0.0, sl.slope)
+    out = _apply_first(problem, unravel(v), 0.0, sl.slope)
     return problem.loss.f(problem.margin_terms_of(out)[1])
 
 
@@ -140,7 +154,7 @@ def _first_layer(x, d, m):
 def _kink_z(problem: Problem, x):
     """z = X W (N, m): first-layer pre-activations at flat parameters x (linear in x)."""
     Xf = problem.X.reshape(problem.n, -1)
-    return Xf @ _first_layer(x, Xf.shape[1], problem.model.kink.width)
+    return Xf @ _first_layer(x, Xf.shape[1], problem.model.config["widths"][1])
 
 
 def _sliding(problem: Problem, mask, slope) -> Sliding:
@@ -221,14 +235,14 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near, ho
     Returns (mask, sliding, x projected and renormalized, the feasible candidates, e, and
     by how much each member of ``mask`` has its sigma = mu / e outside [0, hi - lo]).
     """
-    kink = problem.model.kink
+    kink = problem.model.kinks
     mask_t = mask | cand
     slope_t = jnp.where(mask_t, kink.lo, sl.slope)
     sl_t = jax.lax.cond(jnp.any(cand), lambda: _sliding(problem, mask_t, slope_t),
                         lambda: sl._replace(slope=slope_t))
 
     def nll(v, o):
-        out = kink.apply_offset(unravel(v), problem.X, o, slope_t)
+        out = _apply_first(problem, unravel(v), o, slope_t)
         return -problem.loss.log_loss(problem.margin_terms_of(out)[1])
 
     # g_lo uses the derivative lo at every kink of S (the sign of z = +-1e-17 after a
@@ -336,7 +350,7 @@ def _ros2_step(problem, unravel, st: PolarState, rtol, atol, h_max, stiff_ref=ma
             pt0.G[:, :d * m].reshape(-1, d, m) ** 2, axis=1), axis=0))       # (m,)
         kick = jnp.exp(tau) * jnp.abs(z) / jnp.sqrt(xn2)[:, None] * G_col[None, :]
         near = (move <= 1e-3) & (kick <= 1e-3)
-        kink = problem.model.kink
+        kink = problem.model.kinks
         jump_unit = (kink.hi - kink.lo) / pt0.s * jnp.sqrt(spread / x0.shape[0])
         hold_unit = 0.2 / (h_max * jump_unit)
         mask, sl, x, feasible, e, _ = _events(problem, unravel, mask, sl0, x0, tau, cand,
@@ -462,7 +476,7 @@ def _polar_start(problem: Problem, unravel, flat_t0, log_t0, sliding: bool = Fal
     rho = jnp.linalg.norm(flat_t0)
     x0, tau0 = flat_t0 / rho, jnp.log(rho)
     mask = sl = None
-    if sliding and problem.model.kink is not None:
+    if sliding and _sliding_model(problem):
         mask = jnp.zeros(_kink_z(problem, x0).shape, bool)
         sl = _sliding(problem, mask, jnp.full(mask.shape, jnp.nan, x0.dtype))
     return PolarState(x0, tau0, jnp.asarray(log_t0, jnp.float64), jnp.asarray(1e-3),
@@ -648,7 +662,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
             "config": config or {}, "versions": package_versions(),
             "stop": {"log_t_max": log_t_max, "tau_max": tau_max, "log_loss_min": log_loss_min},
             "solver": {"phase1": "Tsit5 + PIDController", "phase2": "ROS2 W-method (rank-N)",
-                       "sliding": sliding and problem.model.kink is not None, "rtol": rtol,
+                       "sliding": sliding and _sliding_model(problem), "rtol": rtol,
                        "atol": atol, "polar_rtol": polar_rtol, "stiff_ref": stiff_ref,
                        "polar_atol": polar_atol}}
     lt_max = math.inf if log_t_max is None else float(log_t_max)

@@ -9,8 +9,12 @@ Clarke selection. Gradients are whatever autodiff returns: ``jax.nn.relu`` has
 derivative 0 at 0, leaky ReLU (``where(x >= 0, x, slope x)``) has derivative 1 at 0, and
 max-pooling sends the cotangent to one maximal element of each window (XLA's
 select-and-scatter picks the first maximum in window order). Each is an element of the
-Clarke subdifferential. ``Model.kink`` (set by ``mlp`` for ReLU and leaky ReLU) lets the flow
-choose the minimum-norm element at the first layer's kinks instead (``homoflow.flow``).
+Clarke subdifferential, but rarely the one the theory needs. ``Model.kinks`` (``Kinks``,
+set by ``mlp`` and ``cnn`` for ReLU and leaky ReLU) is the one home of a model's
+non-smoothness (DESIGN §6): it names every activation kink (the zeros of each kinked
+layer's pre-activations) and evaluates the model with any derivative chosen at each of
+them, so the flow's sliding, the Clarke KKT residual, beta and the polish choose the
+element they need instead of autodiff's.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ class Model:
     layer_orders: tuple[float, ...]
     n_outputs: int = 1
     config: dict = field(default_factory=dict, compare=False)
-    # first-layer kinks (``Kink``) for the flow's sliding mode; None: no kink is handled
-    kink: Kink | None = None
+    # where the model is non-smooth (``Kinks``); None: smooth, or kinks not declared
+    kinks: Kinks | None = None
     # False for a comparison model that is *not* homogeneous (e.g. a CNN with every bias);
     # ``order`` is then only nominal and ``make_problem`` refuses it unless told otherwise
     homogeneous: bool = True
@@ -69,22 +73,51 @@ class Activation(NamedTuple):
     clarke: tuple[float, float] | None = None
 
 
-class Kink(NamedTuple):
-    """The first-layer activation kinks of a network, for the flow's sliding mode.
+class Kinks(NamedTuple):
+    """Where a model is non-smooth: the kinks of its (leaky) ReLU activations (DESIGN §6).
 
-    The first leaf of the parameters is the first layer's weight W (d, m) and
-    z = X.reshape(N, -1) @ W are the pre-activations (N, m), whose zeros are the kinks
-    (the flow relies on this layout); ``apply_offset(params, X, o, slope)`` is ``apply``
-    with ``o`` (N, m) added to
-    the activation's output and, where the array ``slope`` (N, m) is finite, the
-    activation's derivative set to it (its value unchanged; NaN: autodiff's derivative). The
-    activation's Clarke derivative at
-    0 is [lo, hi]; ``width`` is m.
+    A *site* is one activation input: (kinked layer l, data point n, unit u). ``pre(params,
+    X)`` returns the pre-activations of every kinked layer, a tuple of arrays shaped
+    (N, ...); the kinks are their zeros. ``apply(params, X, slopes, offsets)`` is the
+    model's ``apply`` with, at every site, the activation's derivative set to
+    ``slopes[l][n, ...]`` where that entry is finite (its value unchanged; NaN: autodiff's
+    derivative) and ``offsets[l][n, ...]`` added to the activation's output, so that
+    d output / d offset is the cotangent e at the site. ``slopes`` and ``offsets`` are
+    tuples with one entry per kinked layer, each an array of the layer's shape or a
+    scalar (broadcast). At 0 the activation's Clarke derivative is [lo, hi].
+
+    ``layers`` is the number of kinked layers. ``first_dense``: the first kinked layer's
+    pre-activations are X.reshape(N, -1) @ W with W = params[0] (the first parameter
+    leaf), a bias-free dense first layer, as the flow's sliding mode needs.
+    ``exact``: every kink is in one hidden layer whose pre-activations are linear in
+    parameter group 0 alone, and the output is a sum over units of functions of disjoint
+    parameter blocks (a one-hidden-layer MLP). Then q_n's Clarke subdifferential is exactly
+    {grad q_n with derivative sigma at its kinks : sigma in [lo, hi]^kinks}, affine in
+    sigma (Clarke's calculus for separable sums; each unit a_j act(w_j . x) is regular in
+    w_j), so KKT residuals over it are convex problems. Otherwise the backprop set over
+    sigma is a conservative field whose convex hull contains the Clarke set (Bolte and
+    Pauwels 2021): a bracket, not an equality (``homoflow.kkt``).
     """
-    apply_offset: Callable
+    pre: Callable
+    apply: Callable
     lo: float
     hi: float
-    width: int
+    layers: int
+    first_dense: bool = False
+    exact: bool = False
+
+    def none(self, params, X, fill=jnp.nan) -> tuple:
+        """One array per kinked layer, shaped like its pre-activations, filled with
+        ``fill`` (NaN slopes: autodiff's derivative everywhere)."""
+        return tuple(jnp.full(z.shape, fill, z.dtype) for z in self.pre(params, X))
+
+
+def _kinked(act: Activation, z, slope, offset):
+    """act(z) with derivative ``slope`` where finite (value unchanged) plus ``offset``."""
+    h = act.fn(z)
+    fixed = jnp.isfinite(slope)
+    d = jnp.where(fixed, slope, 0.0)  # no NaN in the branch where() discards
+    return jnp.where(fixed, d * z + jax.lax.stop_gradient(h - d * z), h) + offset
 
 
 def relu() -> Activation:
@@ -166,21 +199,25 @@ def mlp(widths: Sequence[int], activation="relu") -> Model:
             h = act.fn(h @ W)
         return _squeeze_binary(h @ params[-1], widths[-1])
 
-    kink = None
+    kinks = None
     if act.clarke is not None and depth >= 2:
-        def apply_offset(params, X, offset, slope):
-            z = X.reshape(X.shape[0], -1) @ params[0]
-            h = act.fn(z)
-            fixed = jnp.isfinite(slope)
-            d = jnp.where(fixed, slope, 0.0)  # no NaN in the branch where() discards
-            h = jnp.where(fixed, d * z + jax.lax.stop_gradient(h - d * z), h) + offset
-            for W in params[1:-1]:
-                h = act.fn(h @ W)
+        def pre(params, X):
+            h, zs = X.reshape(X.shape[0], -1), []
+            for W in params[:-1]:
+                zs.append(h @ W)
+                h = act.fn(zs[-1])
+            return tuple(zs)
+
+        def apply_kinks(params, X, slopes, offsets):
+            h = X.reshape(X.shape[0], -1)
+            for W, slope, offset in zip(params[:-1], slopes, offsets):
+                h = _kinked(act, h @ W, slope, offset)
             return _squeeze_binary(h @ params[-1], widths[-1])
 
-        kink = Kink(apply_offset, act.clarke[0], act.clarke[1], int(widths[1]))
+        kinks = Kinks(pre, apply_kinks, act.clarke[0], act.clarke[1], depth - 1,
+                      first_dense=True, exact=depth == 2)
     return Model(f"mlp[{act.name}]", init, apply, float(sum(orders)), orders, widths[-1],
-                 {"widths": tuple(widths), "activation": act.name}, kink=kink)
+                 {"widths": tuple(widths), "activation": act.name}, kinks=kinks)
 
 
 def deep_linear(widths: Sequence[int]) -> Model:
@@ -288,19 +325,33 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
     def layer(g, h, op):
         return op(h, g["w"]) + g["b"] if isinstance(g, dict) else op(h, g)
 
-    def apply(params, X):
-        h = X.reshape((X.shape[0],) + shape)
+    def forward(params, X, slopes, offsets):
+        h, zs = X.reshape((X.shape[0],) + shape), []
         for i in range(len(channels)):
-            h = max_pool(act.fn(layer(params[i], h, conv)))
-        h = act.fn(layer(params[-2], h.reshape(h.shape[0], -1), jnp.matmul))
-        return _squeeze_binary(layer(params[-1], h, jnp.matmul), n_outputs)
+            zs.append(layer(params[i], h, conv))
+            h = max_pool(_kinked(act, zs[-1], slopes[i], offsets[i]))
+        zs.append(layer(params[-2], h.reshape(h.shape[0], -1), jnp.matmul))
+        h = _kinked(act, zs[-1], slopes[-1], offsets[-1])
+        return _squeeze_binary(layer(params[-1], h, jnp.matmul), n_outputs), tuple(zs)
 
+    n_kinked = len(channels) + 1
+    autodiff = (jnp.nan,) * n_kinked
+
+    def apply(params, X):
+        return forward(params, X, autodiff, (0.0,) * n_kinked)[0]
+
+    # max-pool ties are not declared: a tie between positive activations is a kink of the
+    # max, whose Clarke set is a simplex, not an interval (autodiff's element is used there)
+    kinks = None if act.clarke is None else Kinks(
+        lambda params, X: forward(params, X, autodiff, (0.0,) * n_kinked)[1],
+        lambda params, X, slopes, offsets: forward(params, X, slopes, offsets)[0],
+        act.clarke[0], act.clarke[1], n_kinked)
     return Model("cnn_all_biases" if all_biases else "cnn", init, apply, float(n_groups),
                  orders, n_outputs,
                  {"input_shape": shape, "channels": tuple(channels), "kernel": kernels,
                   "pool": pool, "hidden": hidden, "bias_first": bias_first or all_biases,
                   "all_biases": all_biases},
-                 homogeneous=not all_biases)
+                 kinks=kinks, homogeneous=not all_biases)
 
 
 def mexican_hat_params(r: float = 0.5) -> Params:

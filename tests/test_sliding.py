@@ -80,10 +80,10 @@ def test_sliding_velocity_is_the_minimum_norm_clarke_element(relu_flow):
     the sliding set sit at z = 0 to rounding (|z| <= 1e-13 |x_n|)."""
     prob, traj = relu_flow
     st, unravel = _late_state(prob, traj)
-    kink = prob.model.kink
+    kinks = prob.model.kinks
     Xf = np.asarray(prob.X)
     N, d = Xf.shape
-    m = kink.width
+    m = prob.model.config["widths"][1]
     z = np.asarray(F._kink_z(prob, st.x))
     mask = np.asarray(st.mask)
     xn = np.linalg.norm(Xf, axis=1)[:, None]
@@ -92,7 +92,7 @@ def test_sliding_velocity_is_the_minimum_norm_clarke_element(relu_flow):
     at_kink = np.abs(z) <= 1e-12 * xn
 
     def nll(v, o):
-        out = kink.apply_offset(unravel(v), prob.X, o, jnp.where(at_kink, 0.0, jnp.nan))
+        out = kinks.apply(unravel(v), prob.X, (jnp.where(at_kink, 0.0, jnp.nan),), (o,))
         return -prob.loss.log_loss(prob.margin_terms_of(out)[1])
 
     v = jnp.exp(st.tau) * st.x
