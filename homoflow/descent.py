@@ -64,15 +64,17 @@ def _tree_axpy(a, x, y):
     return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
 
 
-def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int):
+def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int, direction=None):
     """One epoch of mini-batch SGD: each step subtracts exp(log_scale + log L^_B) grad log L^_B,
-    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss."""
+    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss (``direction``
+    maps the gradient to a steepest-descent direction, ``geometry.steepest_direction``)."""
     n_batches = problem.n // batch_size
     perm = jax.random.permutation(key, problem.n)[: n_batches * batch_size]
     log_ratio = math.log(problem.n / batch_size)
 
     def one(p, idx):
         log_lb, g = jax.value_and_grad(lambda z: problem.subset(idx).log_loss(z))(p)
+        g = g if direction is None else direction(g)
         return _tree_axpy(-jnp.exp(log_scale + log_lb + log_ratio), g, p), None
 
     params, _ = jax.lax.scan(one, params, perm.reshape(n_batches, batch_size))
@@ -89,9 +91,13 @@ def _propose(problem, policy: Policy, batch_size, s: DescentState, key):
         return (jax.tree_util.tree_map(jnp.add, s.params, updates), optax_log_lr(s.opt_state),
                 1, opt_state)
     log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, problem.order)
+    # steepest descent (``schedules.steepest``): d(grad L) = L d(grad log L), d 1-homogeneous
+    direction = None if policy.direction is None else \
+        (lambda g: policy.direction(s.policy_state, g))
     if batch_size is None:
-        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), s.grad, s.params), log_lr, 1, s.opt_state
-    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size)
+        g = s.grad if direction is None else direction(s.grad)
+        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), g, s.params), log_lr, 1, s.opt_state
+    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size, direction)
     return params, log_lr, n_updates, s.opt_state
 
 

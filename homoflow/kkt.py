@@ -263,8 +263,15 @@ def _constraint_jacobian(problem: Problem, params) -> np.ndarray:
     return np.asarray(_grads_at(problem, params, jnp.arange(K)))
 
 
-def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMReference:
+def svm_reference(problem: Problem, params=None, kind: str = "linear",
+                  norm=2.0) -> SVMReference:
     """The hard-margin SVM that the theory says a trajectory's direction approaches.
+
+    ``norm`` = p in [1, inf] gives the l_p max-margin classifier instead (``max_margin``:
+    min ||w||_p s.t. the same constraints), the limit of l_p steepest descent on a linear
+    model (p = 1: coordinate descent, and the end-to-end predictor of a depth-2 diagonal
+    net; p = inf: sign descent and Adam). ``direction`` is then w* / ||w*||_p and
+    ``margin`` 1 / ||w*||_p.
 
     ``kind="linear"``: the SVM on the raw inputs (no bias; multi-class: the constraints
     (w_y - w_j)·x_n >= 1 of Appendix F) — the exact limit for linear models, for the
@@ -290,9 +297,9 @@ def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMRef
         H = _constraint_jacobian(problem, params)
     else:
         raise ValueError(f"kind must be 'linear' or 'tangent_kernel', got {kind!r}")
-    w, alpha = least_distance(H)
-    norm = float(np.linalg.norm(w))
-    return SVMReference(w, w / norm, 1.0 / norm, alpha, kind)
+    w, alpha = max_margin(H, norm)
+    size = float(np.linalg.norm(w, ord=_check_norm(norm)))
+    return SVMReference(w, w / size, 1.0 / size, alpha, kind)
 
 
 @lru_cache(maxsize=None)  # the same Model object, so the jitted gradients are reused
@@ -525,3 +532,92 @@ def plot_report(report: dict, path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --- max-margin references in other norms (optimizer geometry, ``homoflow.geometry``) ------
+
+def _check_norm(norm) -> float:
+    try:
+        p = float(norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm must be a number in [1, inf] (an l_p norm), got {norm!r}") from None
+    if not p >= 1:
+        raise ValueError(f"norm must be a number in [1, inf] (an l_p norm), got {norm}")
+    return p
+
+
+def _linprog(c, A_ub, b_ub, bounds, what):
+    res = scipy.optimize.linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs-ds",
+                                 options={"primal_feasibility_tolerance": 1e-10,
+                                          "dual_feasibility_tolerance": 1e-10})
+    if res.status == 2:
+        raise ValueError(f"the constraints <w, g_k> >= 1 are infeasible: the data are not "
+                         f"separable by these features, so there is no {what} max-margin "
+                         f"classifier")
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the {what} max-margin LP: {res.message}")
+    return res
+
+
+def _lp_margin_general(Gmat, p):
+    """min ||w||_p s.t. Gmat w >= 1 for 1 < p < inf: SciPy's SLSQP on ||w||_p^p / p from
+    the l2 solution, then Newton on the KKT system of its active set (w = psi(G_S^T lam),
+    psi(v) = sign(v) |v|^{q-1}, G_S w = 1), dropping negative multipliers, to full
+    precision."""
+    K, P = Gmat.shape
+    q = p / (p - 1.0)
+    psi = lambda v: np.sign(v) * np.abs(v) ** (q - 1.0)
+    w0, _ = least_distance(Gmat)
+    res = scipy.optimize.minimize(
+        lambda w: (np.sum(np.abs(w) ** p) / p, np.sign(w) * np.abs(w) ** (p - 1.0)),
+        w0 * max(1.0, 1.0 / (Gmat @ w0).min()), jac=True, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda w: Gmat @ w - 1.0, "jac": lambda w: Gmat}],
+        options={"ftol": 1e-15, "maxiter": 1000})
+    w = res.x
+    S = np.nonzero(Gmat @ w <= 1.0 + 1e-5)[0]
+    for _ in range(K):
+        G = Gmat[S]
+        lam0 = np.linalg.lstsq(G.T, np.sign(w) * np.abs(w) ** (p - 1.0), rcond=None)[0]
+        sol = scipy.optimize.root(
+            lambda lam: (G @ psi(G.T @ lam) - 1.0,
+                         (G * ((q - 1.0) * np.abs(G.T @ lam) ** (q - 2.0))) @ G.T),
+            lam0, jac=True, method="lm", options={"xtol": 1e-15, "ftol": 1e-15})
+        lam = sol.x
+        if lam.min() >= 0:
+            break
+        S = S[lam > 0]
+    w = psi(Gmat[S].T @ lam)
+    alpha = np.zeros(K)
+    alpha[S] = lam
+    return w, alpha
+
+
+def max_margin(Gmat, norm=2.0) -> tuple[np.ndarray, np.ndarray]:
+    """min ||w||_p s.t. Gmat w >= 1 (p = ``norm``): the l_p max-margin classifier of the
+    feature rows Gmat[k] (its margin is 1 / ||w||_p, its direction the limit of l_p
+    steepest descent on a linear model; Gunasekar, Lee, Soudry & Srebro, ICML 2018).
+    Returns (w, alpha) with alpha >= 0 the multipliers of the constraints.
+
+    p = 2: ``least_distance``. p = 1 (w = u - v, u, v >= 0, min 1^T (u + v)) and p = inf
+    (min t s.t. -t <= w_i <= t) are linear programs solved by HiGHS's dual simplex (an exact
+    vertex); other p by SciPy (``_lp_margin_general``: SLSQP, then Newton on the KKT
+    system). Raises ValueError for a bad norm or data that no w separates."""
+    p = _check_norm(norm)
+    Gmat = np.asarray(Gmat, np.float64)
+    K, P = Gmat.shape
+    if p == 2.0:
+        return least_distance(Gmat)
+    if p == 1.0:
+        res = _linprog(np.ones(2 * P), -np.hstack([Gmat, -Gmat]), -np.ones(K),
+                       [(0, None)] * (2 * P), "l1")
+        return res.x[:P] - res.x[P:], -res.ineqlin.marginals
+    if math.isinf(p):
+        c = np.zeros(P + 1)
+        c[-1] = 1.0
+        eye, one = np.eye(P), np.ones((P, 1))
+        A = np.vstack([np.hstack([-Gmat, np.zeros((K, 1))]), np.hstack([eye, -one]),
+                       np.hstack([-eye, -one])])
+        b = np.concatenate([-np.ones(K), np.zeros(2 * P)])
+        res = _linprog(c, A, b, [(None, None)] * P + [(0, None)], "l_inf")
+        return res.x[:P], -res.ineqlin.marginals[:K]
+    return _lp_margin_general(Gmat, p)
