@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .diagnostics import diagnostics, global_norm, tree_dot
+from .geometry import inv_p, lp_columns_jit, sharpness_jit
 from .kkt import kkt_columns
 from .problem import Problem
 from .schedules import Policy, T0Info, optax_log_lr
@@ -232,7 +233,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
             support_decades: float = 3.0, snapshots: bool = True,
             t0_log_loss: float | None = None, config: dict | None = None,
-            record_at=None, on_record=None, kkt: bool = True) -> Trajectory:
+            record_at=None, on_record=None, kkt: bool = True, margin_norm=None,
+            sharpness: bool = False) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -257,6 +259,12 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
 
     With ``kkt`` every record also holds ``kkt_eps`` and ``kkt_delta``
     (``kkt.kkt_residual``: an NNLS on the smallest 256 constraints, a few ms per record).
+
+    ``margin_norm=p`` (p in [1, inf]) adds the margins in the l_p norm
+    (``geometry.lp_columns``: ``normalized_margin_p``, ``smoothed_margin_p``, their layer
+    forms and ``log_norm_p``), the quantities l_p steepest descent maximizes.
+    ``sharpness=True`` adds ``sharpness`` (top eigenvalue of hess L) and
+    ``log_curvature`` (``geometry.sharpness``: Lanczos on Hessian-vector products).
     """
     if batch_size is not None:
         if not 1 <= int(batch_size) <= problem.n:
@@ -268,6 +276,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                          f"log l(b_f) = {problem.loss.log_threshold:.6g}")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
+    ip = None if margin_norm is None else inv_p(margin_norm)
     key = jax.random.PRNGKey(0) if key is None else key
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     state = initial_state(problem, params0, policy, policy.init(), key, batch_size, log_t0)
@@ -286,6 +295,11 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                    separated=bool(d.log_loss < problem.loss.log_threshold))
         if kkt:
             row.update({k: float(v) for k, v in kkt_columns(problem, s.params).items()})
+        if ip is not None:
+            row.update({k: float(v) for k, v in lp_columns_jit(problem, s.params, ip).items()})
+        if sharpness:
+            sh = sharpness_jit(problem, s.params)
+            row.update(sharpness=float(sh.sharpness), log_curvature=float(sh.log_curvature))
         rows.append(row)
         stop = on_record is not None and bool(on_record(int(s.step), s.params, row))
         if snapshots:
@@ -320,6 +334,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         "model": problem.model.name,
         "order": problem.order, "layer_orders": list(problem.model.layer_orders),
         "loss": problem.loss.name, "n": problem.n, "versions": package_versions(),
+        "margin_norm": None if margin_norm is None else float(margin_norm),
         "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                           else key).tolist(),
     }

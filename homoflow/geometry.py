@@ -53,9 +53,13 @@ def _flat_log_norm(x, ip):
     log m + (1/p) log sum (|x|/m)^p with m = max |x|; -inf for x = 0."""
     a = jnp.abs(x)
     m = jnp.max(a)
+    ip = jnp.asarray(ip, a.dtype)
     safe_m = jnp.where(m > 0, m, 1.0)
-    p = 1.0 / ip  # inf at ip = 0: (|x|/m)^inf is 1 at the maxima and 0 elsewhere
-    s = jnp.sum((a / safe_m) ** p)
+    r = a / safe_m
+    # p = inf (ip = 0): (|x|/m)^inf is 1 at the maxima and 0 elsewhere (said explicitly:
+    # pow(1, inf) is not 1 on every backend, and x / x need not be 1 where XLA divides
+    # by multiplying with a reciprocal)
+    s = jnp.sum(jnp.where(ip > 0, r ** (1.0 / jnp.where(ip > 0, ip, 1.0)), a == m))
     return jnp.where(m > 0, jnp.log(safe_m) + ip * jnp.log(s), -jnp.inf)
 
 
@@ -71,6 +75,7 @@ def steepest_direction(grad, ip):
     ||g||_inf sign(g_i) e_i at the first largest |g_i| (greedy coordinate descent).
     Computed as ||g||_q sign(g) (|g| / ||g||_q)^{q-1}, so no power over- or underflows."""
     g, unravel = ravel_pytree(grad)
+    ip = jnp.asarray(ip, g.dtype)
     iq = 1.0 - ip                      # 1/q
     q_minus_1 = ip / jnp.where(iq > 0, iq, 1.0)
     log_gq = _flat_log_norm(g, iq)

@@ -1,0 +1,198 @@
+"""Optimizer geometry: which margin each optimizer maximizes (homoflow.geometry)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from homoflow import data, descent, geometry, losses, models, schedules
+from homoflow.kkt import angle, max_margin, svm_reference
+from homoflow.problem import make_problem
+
+NORMS = (1.0, 1.5, 2.0, 3.0, math.inf)
+
+
+@pytest.fixture(scope="module")
+def three():
+    X, y = data.three_norms()
+    problem = make_problem(models.linear(3), losses.exponential(), X, y)
+    refs = {p: svm_reference(problem, norm=p).direction for p in NORMS}
+    return problem, refs
+
+
+def test_three_norms_data_has_l1_l2_linf_directions_at_least_0_3_rad_apart(three):
+    _, refs = three
+    for a, b in [(1.0, 2.0), (2.0, math.inf), (1.0, math.inf)]:
+        assert angle(refs[a], refs[b]) >= 0.3
+
+
+@pytest.mark.parametrize("p", NORMS, ids=lambda p: f"p{p:g}")
+def test_lp_steepest_descent_converges_to_its_own_norms_max_margin_direction(three, p):
+    # normalized steps (eta = alpha / L): ||w|| grows like t, the angle like 1/t; from w = 0
+    # (a component orthogonal to the data would never move)
+    problem, refs = three
+    traj = descent(problem, (jnp.zeros((3, 1)),), schedules.steepest(p, schedules.normalized(2.0)),
+                   20_000, progress=False, kkt=False, n_records=3)
+    w = np.asarray(traj.snapshots[0][-1]).ravel()
+    assert angle(w, refs[p]) < 1e-3
+    for other in (1.0, 2.0, math.inf):  # sign, coordinate and GD: far from the others'
+        if p in (1.0, 2.0, math.inf) and other != p:
+            assert angle(w, refs[other]) >= 0.2
+
+
+def _cvxpy_max_margin(Z, p):
+    """An independent solve: max gamma s.t. Z w >= gamma, ||w||_p <= 1 (a different
+    formulation) by cvxpy's Clarabel (an interior-point solver, not HiGHS's simplex)."""
+    cp = pytest.importorskip("cvxpy")
+    w, g = cp.Variable(Z.shape[1]), cp.Variable()
+    prob = cp.Problem(cp.Maximize(g), [Z @ w >= g, cp.norm(w, p) <= 1])
+    prob.solve(solver="CLARABEL", tol_gap_abs=1e-13, tol_gap_rel=1e-13, tol_feas=1e-13,
+               max_iter=500)
+    return np.asarray(w.value), float(g.value)
+
+
+@pytest.mark.parametrize("p,tol", [(1.0, 1e-8), (math.inf, 1e-8), (1.5, 1e-6), (3.0, 1e-6)],
+                         ids=["p1", "pinf", "p1.5", "p3"])
+def test_lp_max_margin_reference_agrees_with_an_independent_convex_solve(p, tol):
+    for X, y in (data.three_norms(), data.linearly_separable(12, 4, seed=5)):
+        Z = y[:, None] * X
+        w, alpha = max_margin(Z, p)
+        v, gamma = _cvxpy_max_margin(Z, p)
+        size = np.linalg.norm(w, ord=p)
+        assert abs(1.0 / size - gamma) <= tol
+        np.testing.assert_allclose(w / size, v, atol=tol)
+        assert (Z @ w).min() >= 1 - 1e-10 and alpha.min() >= 0
+
+
+def test_l2_reference_is_unchanged_and_bad_norms_name_the_value(three):
+    problem, refs = three
+    old = svm_reference(problem)
+    np.testing.assert_allclose(old.direction, refs[2.0], atol=1e-12)
+    for bad in (0.5, "x", float("nan")):
+        with pytest.raises(ValueError, match="norm must be"):
+            svm_reference(problem, norm=bad)
+    with pytest.raises(ValueError, match="infeasible|not separable"):
+        max_margin(np.array([[1.0, 0.0], [-1.0, 0.0]]), 1)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, math.inf], ids=lambda p: f"p{p:g}")
+def test_steepest_direction_attains_the_dual_norm_and_is_one_homogeneous(p):
+    g = jax.random.normal(jax.random.PRNGKey(1), (7,))
+    ip = geometry.inv_p(p)
+    d = geometry.steepest_direction(g, ip)
+    q = 1.0 if math.isinf(p) else (math.inf if p == 1 else p / (p - 1))
+    gq = np.linalg.norm(np.asarray(g), ord=q)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(d), ord=p), gq, rtol=1e-12)
+    np.testing.assert_allclose(float(jnp.vdot(g, d)), gq ** 2, rtol=1e-12)
+    np.testing.assert_allclose(geometry.steepest_direction(1e-200 * g, ip), 1e-200 * d,
+                               rtol=1e-12)
+
+
+def test_lp_margins_are_log_domain_and_match_the_plain_formula():
+    X, y = data.linearly_separable(10, 4, seed=2)
+    problem = make_problem(models.diagonal_linear(4, 2), losses.exponential(), X, y)
+    params = problem.model.init(jax.random.PRNGKey(0))
+    flat = np.concatenate([np.asarray(u) for u in params])
+    q = np.asarray(problem.margins(params))
+    for p in (1.0, 3.0, math.inf):
+        m = geometry.lp_margins(problem, params, geometry.inv_p(p))
+        np.testing.assert_allclose(m.normalized, q.min() / np.linalg.norm(flat, p) ** 2, rtol=1e-12)
+        np.testing.assert_allclose(m.layer_normalized, q.min() / np.prod(
+            [np.linalg.norm(np.asarray(u), p) for u in params]), rtol=1e-12)
+    # far out (q and rho^L near float64's top) the log-domain form stays exact
+    big = jax.tree_util.tree_map(lambda u: 1e150 * u, params)
+    m = geometry.lp_margins(problem, big, geometry.inv_p(3.0))
+    np.testing.assert_allclose(m.normalized, q.min() / np.linalg.norm(flat, 3) ** 2, rtol=1e-10)
+    assert np.isfinite(float(m.smoothed))
+
+
+def _steepest_path(problem, w0, ip, alpha, steps):
+    """theta <- theta - alpha d(grad log L) (``steepest`` with ``normalized(alpha)``) as a
+    scan; returns the smoothed l_p margin after each step."""
+    def step(w, _):
+        g = jax.grad(problem.log_loss)(w)
+        w = jax.tree_util.tree_map(lambda a, b: a - alpha * b, w,
+                                   geometry.steepest_direction(g, ip))
+        return w, geometry.lp_margins(problem, w, ip).smoothed
+
+    return jax.lax.scan(step, w0, None, length=steps)[1]
+
+
+_paths = jax.jit(jax.vmap(jax.vmap(_steepest_path, (0, 0, None, None, None)),
+                          (None, None, 0, None, None)), static_argnums=4)
+
+
+def _random_problems(seeds, n=12, dim=4):  # dim = 4: _LINEAR4
+    probs, starts = [], []
+    for s in seeds:
+        X, y = data.linearly_separable(n, dim, seed=s)
+        problem = make_problem(_LINEAR4, _EXP, X, y, check=False)
+        probs.append(problem)
+        # 3 x the SVM solution: q_min = 3, so L < 1 (separated) from the start
+        starts.append((jnp.asarray(svm_reference(problem).solution.reshape(dim, 1)) * 3.0,))
+    stack = lambda *xs: jnp.stack(xs)
+    return (jax.tree_util.tree_map(stack, *probs), jax.tree_util.tree_map(stack, *starts),
+            probs[0], starts[0])
+
+
+_LINEAR4, _EXP = models.linear(4), losses.exponential()  # one object each: stackable
+
+
+def test_smoothed_lp_margin_never_decreases_after_separation_along_small_step_steepest_descent():
+    # Gunasekar et al. 2018 / Tsilivis et al. 2025: along l_p steepest flow,
+    # d(-log L)/dt = ||g||_q^2 >= ||g||_q (-log L) / ||w||_p >= (-log L) d log||w||_p / dt
+    problems, starts, _, _ = _random_problems(range(10, 18))
+    ips = jnp.asarray([geometry.inv_p(p) for p in (1.0, 1.5, 2.0, 3.0, math.inf)])
+    g = np.asarray(_paths(problems, starts, ips, 0.01, 500))   # (norm, problem, step)
+    assert np.all(np.diff(g, axis=-1) >= -1e-12 * np.abs(g[..., :-1])), np.diff(g, axis=-1).min()
+    assert np.all(g[..., -1] > g[..., 0])
+
+
+def test_descent_margin_norm_columns_follow_the_same_steepest_steps():
+    _, _, problem, w0 = _random_problems([10])
+    p = math.inf
+    traj = descent(problem, w0, schedules.steepest(p, schedules.normalized(0.01)), 20,
+                   progress=False, kkt=False, record_at=range(1, 21), margin_norm=p,
+                   snapshots=False)
+    expect = np.asarray(_steepest_path(problem, w0, geometry.inv_p(p), 0.01, 20))
+    np.testing.assert_allclose(traj.columns["smoothed_margin_p"][1:], expect, rtol=1e-11)
+    assert traj.meta["margin_norm"] == p
+    with pytest.raises(ValueError, match="p must be"):
+        descent(problem, w0, schedules.constant(0.1), 5, progress=False, margin_norm=0.3)
+
+
+def _dense_top_eigenvalue(problem, params):
+    from jax.flatten_util import ravel_pytree
+    flat, unravel = ravel_pytree(params)
+    H = jax.jit(jax.hessian(lambda z: jnp.exp(problem.log_loss(unravel(z)))))(flat)
+    return float(np.linalg.eigvalsh(np.asarray(H))[-1])
+
+
+@pytest.mark.parametrize("model", [models.linear(5),
+                                   models.mlp((5, 4, 1), models.leaky_relu(0.1))],
+                         ids=lambda m: m.name)
+def test_sharpness_equals_the_dense_hessians_top_eigenvalue(model):
+    X, y = data.linearly_separable(20, 5, seed=1)
+    problem = make_problem(model, losses.logistic(), X, y)
+    params = model.init(jax.random.PRNGKey(3))
+    top = _dense_top_eigenvalue(problem, params)
+    s = geometry.sharpness_jit(problem, params)
+    assert abs(float(s.sharpness) - top) <= 1e-8 * max(1.0, abs(top))
+
+
+def test_bad_geometry_hyperparameters_raise_naming_the_value():
+    for bad in (0.5, -1, "two", float("nan")):
+        with pytest.raises(ValueError, match="p must be"):
+            schedules.steepest(bad)
+    with pytest.raises(ValueError, match="power"):
+        schedules.decaying(0.1, power=-1)
+    with pytest.raises(ValueError, match="alpha"):
+        schedules.normalized(0.0)
+    with pytest.raises(ValueError, match="growth"):
+        schedules.progressive_rescaling(growth=0.5)
+    with pytest.raises(ValueError, match="period"):
+        schedules.progressive_rescaling(period=0)
+    with pytest.raises(ValueError, match="steepest needs a step-size policy"):
+        schedules.steepest(2, schedules.dual_acceleration())
