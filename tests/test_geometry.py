@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from homoflow import data, descent, geometry, losses, models, schedules
-from homoflow.kkt import angle, max_margin, svm_reference
+from homoflow.kkt import angle, max_margin, polish_kkt, svm_reference
 from homoflow.problem import make_problem
 
 NORMS = (1.0, 1.5, 2.0, 3.0, math.inf)
@@ -196,3 +196,35 @@ def test_bad_geometry_hyperparameters_raise_naming_the_value():
         schedules.progressive_rescaling(period=0)
     with pytest.raises(ValueError, match="steepest needs a step-size policy"):
         schedules.steepest(2, schedules.dual_acceleration())
+
+
+def _diagonal_run(depth, scale, lr, record_at):
+    X, y = data.three_norms()
+    problem = make_problem(models.diagonal_linear(3, depth), losses.exponential(), X, y)
+    p0 = tuple(scale * u for u in problem.model.init(jax.random.PRNGKey(0)))
+    traj = descent(problem, p0, schedules.constant(lr), record_at[-1], progress=False,
+                   kkt=False, record_at=record_at)
+    return problem, traj
+
+
+def test_depth2_diagonal_net_heads_to_the_l1_max_margin_and_polishes_onto_it():
+    # Gunasekar et al. (NeurIPS 2018): w = u * v converges to the l1 max-margin direction
+    problem, traj = _diagonal_run(2, 0.3, 0.2, [5, 50, 500, 5000, 50_000])  # T = 1 ... 10^4
+    ref = svm_reference(problem, norm=1)
+    assert angle(ref.solution, svm_reference(problem).solution) >= 0.3
+    w = [np.prod([np.asarray(u[i]) for u in traj.snapshots], axis=0) for i in range(1, 6)]
+    angles = np.array([angle(v, ref.solution) for v in w])
+    assert np.all(np.diff(angles) < 0), angles           # falls every decade of T
+    end = tuple(jnp.asarray(u[-1]) for u in traj.snapshots)
+    polished = polish_kkt(problem, end, rtol=0.0, max_iter=400)
+    w_star = np.prod([np.asarray(u) for u in polished.params], axis=0)   # q_min = 1
+    np.testing.assert_allclose(w_star, ref.solution, atol=1e-6)
+
+
+def test_depth3_diagonal_net_ends_at_an_l_2_over_3_kkt_point_after_polish():
+    # KKT points of min ||theta||^2 s.t. q_n >= 1 over (u1, u2, u3) are those of the
+    # l_{2/3} max-margin problem in w = u1 * u2 * u3 (Gunasekar et al. 2018, Theorem 3)
+    problem, traj = _diagonal_run(3, 0.5, 0.2, [100, 100_000])
+    end = tuple(jnp.asarray(u[-1]) for u in traj.snapshots)
+    polished = polish_kkt(problem, end, rtol=0.0, max_iter=400)
+    assert polished.eps <= 1e-6 and abs(polished.delta) <= 1e-6
