@@ -231,11 +231,12 @@ def progressive_rescaling(lr: float = 0.5, radius0: float = 1.0, growth: float =
     normalized gradient steps on the sphere of radius R_k = radius0 growth^k, the radius
     raised every ``period`` steps:
 
-        w_{t+1/2} = w_t - lr R_k grad L(w_t) / ||grad L(w_t)||,
+        w_{t+1/2} = w_t - lr grad L(w_t) / ||grad L(w_t)||,
         w_{t+1} = R_k w_{t+1/2} / ||w_{t+1/2}||,
 
-    so the angular step lr stays fixed while the norm grows exponentially; their
-    Theorem 5.2: the margin gap decays exponentially in t. Feed it grad log L
+    so the norm grows exponentially while the angular step lr / R_k shrinks at the same
+    rate; their main theorem: the margin gap decays exponentially in t (on data with a
+    non-degenerate support, their assumption). Feed it grad log L
     (``objective="log_loss"``): the normalized direction is the same as grad L's."""
     for name, v in (("lr", lr), ("radius0", radius0)):
         if not (math.isfinite(v) and v > 0):
@@ -254,7 +255,7 @@ def progressive_rescaling(lr: float = 0.5, radius0: float = 1.0, growth: float =
         w, unravel = ravel_pytree(params)
         log_R = log_r0 + log_growth * (state.count // period).astype(jnp.float64)
         g_norm = jnp.linalg.norm(g)
-        half = w - lr * jnp.exp(log_R) * g / jnp.where(g_norm > 0, g_norm, 1.0)
+        half = w - lr * g / jnp.where(g_norm > 0, g_norm, 1.0)
         new = jnp.exp(log_R) * half / jnp.linalg.norm(half)
         return unravel(new - w), RescalingState(state.count + 1)
 

@@ -228,3 +228,24 @@ def test_depth3_diagonal_net_ends_at_an_l_2_over_3_kkt_point_after_polish():
     end = tuple(jnp.asarray(u[-1]) for u in traj.snapshots)
     polished = polish_kkt(problem, end, rtol=0.0, max_iter=400)
     assert polished.eps <= 1e-6 and abs(polished.delta) <= 1e-6
+
+
+def test_margin_rates_quick_benchmark_fits_the_predicted_rates():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "margin_rates.py"
+    spec = importlib.util.spec_from_file_location("margin_rates", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.QUICK
+    result = bench.race(cfg)
+    fits = bench.fit(result, cfg)
+    assert abs(fits["normalized_gd"]["fitted_slope"] + 1.0) <= 0.2
+    assert abs(fits["dual_acceleration"]["fitted_slope"] + 2.0) <= 0.2
+    assert abs(fits["dual_acceleration"]["fitted_slope_log_corrected"] + 2.0) <= 0.2
+    assert fits["gd"]["gap_x_log_T_max_over_min"] <= 2.0                    # ~ C / log T
+    prgd = fits["progressive_rescaling"]
+    assert prgd["r2"] > 0.99 and abs(prgd["fitted_rate"] / prgd["predicted_rate"] - 1) < 0.1
+    assert prgd["final_gap"] < 1e-8
+    fig = bench.figure(result)
+    assert len(fig.axes[0].lines) == 4
