@@ -249,3 +249,49 @@ def test_margin_rates_quick_benchmark_fits_the_predicted_rates():
     assert prgd["final_gap"] < 1e-8
     fig = bench.figure(result)
     assert len(fig.axes[0].lines) == 4
+
+
+_SHARDED = """
+import json, math, jax, numpy as np
+from homoflow import sweep
+assert len(jax.devices()) == 8, jax.devices()
+base = {"model": "linear", "depth": 1, "n": 12, "dim": 3, "steps": 200, "n_records": 8,
+        "step": "normalized", "alpha0": 0.5, "seed": [0, 1]}
+# p = 1 and inf are coordinate and sign descent: one program serves all four norms
+grids = [{**base, "policy": "lp", "p": [1.0, 1.5, 3.0, math.inf]}]
+err, rows = 0.0, 0
+for grid in grids:
+    one = sweep.sweep(grid, devices=jax.devices()[:1], progress=False)
+    eight = sweep.sweep(grid, progress=False)
+    assert eight.meta["devices"] == 8 and set(eight.meta["statuses"]) == {"completed"}
+    for k in ("log_loss", "normalized_margin", "rho"):
+        a, b = one.columns[k], eight.columns[k]
+        err = max(err, float(np.max(np.abs(a - b) / np.abs(b))))
+    rows += len(eight.columns["step"])
+print(json.dumps({"max_rel": err, "rows": rows}))
+"""
+
+
+def test_sweep_shards_steepest_descent_policies_over_8_host_devices():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 8 * 9 and out["max_rel"] <= 1e-13
+
+
+def test_sweep_rejects_bad_steepest_settings_before_compute():
+    from homoflow import sweep
+    with pytest.raises(ValueError, match="p must be"):
+        sweep.sweep({"model": "linear", "depth": 1, "policy": "lp", "p": 0.5}, progress=False)
+    with pytest.raises(ValueError, match="unknown step 'adam'"):
+        sweep.sweep({"model": "linear", "depth": 1, "policy": "sign", "step": "adam"},
+                    progress=False)
+    with pytest.raises(ValueError, match=r"\['p'\] are swept but policy 'sign'"):
+        sweep.expand({"policy": "sign", "p": [1.5, 3.0]})
