@@ -295,3 +295,25 @@ def test_sweep_rejects_bad_steepest_settings_before_compute():
                     progress=False)
     with pytest.raises(ValueError, match=r"\['p'\] are swept but policy 'sign'"):
         sweep.expand({"policy": "sign", "p": [1.5, 3.0]})
+
+
+def test_cli_runs_steepest_descent_and_records_the_matching_margins(tmp_path, capsys):
+    from homoflow.cli import main
+    from homoflow.trajectory import Trajectory
+    out = tmp_path / "run"
+    code = main(["run", "--model", "linear", "--depth", "1", "--n", "10", "--dim", "3",
+                 "--policy", "lp", "--p", "3", "--step", "normalized", "--alpha0", "1",
+                 "--steps", "3000", "--margin-norm", "3", "--out", str(out), "--no-progress",
+                 "--no-kkt-report"])
+    assert code == 0
+    traj = Trajectory.load(out)
+    assert traj.meta["policy"] == "lp/normalized" and traj.meta["margin_norm"] == 3.0
+    X, y = data.linearly_separable(10, 3, 0)
+    problem = make_problem(models.linear(3), losses.exponential(), X, y)
+    ref = svm_reference(problem, norm=3)
+    w = np.asarray(traj.snapshots[0][-1]).ravel()
+    assert angle(w, ref.direction) < 0.1   # from a random init: its trace decays like 1/t
+    gap = ref.margin - traj.columns["normalized_margin_p"][-1]
+    assert 0 <= gap < 1e-2 * ref.margin
+    with pytest.raises(SystemExit):
+        main(["run", "--policy", "lp", "--step", "adam"])
