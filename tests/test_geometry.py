@@ -317,3 +317,17 @@ def test_cli_runs_steepest_descent_and_records_the_matching_margins(tmp_path, ca
     assert 0 <= gap < 1e-2 * ref.margin
     with pytest.raises(SystemExit):
         main(["run", "--policy", "lp", "--step", "adam"])
+
+
+@pytest.mark.slow
+def test_edge_of_stability_large_step_oscillates_then_beats_every_monotone_step():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "edge_of_stability.py"
+    spec = importlib.util.spec_from_file_location("edge_of_stability", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(bench.QUICK)
+    largest, best = result["largest"], result["best_stable"]
+    assert largest["increases_early"] >= 5 and largest["eta_times_lambda0_over_2"] > 100
+    assert largest["final_log_loss"] < best["final_log_loss"] - 10 * math.log(10)
