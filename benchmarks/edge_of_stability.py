@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
               f"({-result['log10_loss_ratio_largest_vs_best_stable']:.3g} decades lower)")
     if not args.no_write:
         name = "edge_of_stability_quick" if args.quick else "edge_of_stability"
+        RESULTS.mkdir(parents=True, exist_ok=True)
         figure(result).savefig(RESULTS / f"{name}.png", dpi=120)
         write_report({"config": cfg, **{k: v for k, v in result.items()}},
                      RESULTS / f"{name}.json", "edge_of_stability.py", argv or sys.argv[1:])

@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
         print(f"{name:22s} {len(cur['t'])} records, {cur['wall_s']:.2f} s (compile included)")
     if not args.no_write:
         name = "margin_rates_quick" if args.quick else "margin_rates"
+        RESULTS.mkdir(parents=True, exist_ok=True)
         figure(result).savefig(RESULTS / f"{name}.png", dpi=120)
         write_report({"config": cfg, "prgd": PRGD, "gamma": result["gamma"], "fits": fits},
                      RESULTS / f"{name}.json", "margin_rates.py", argv or sys.argv[1:])
