@@ -331,3 +331,18 @@ def test_edge_of_stability_large_step_oscillates_then_beats_every_monotone_step(
     largest, best = result["largest"], result["best_stable"]
     assert largest["increases_early"] >= 5 and largest["eta_times_lambda0_over_2"] > 100
     assert largest["final_log_loss"] < best["final_log_loss"] - 10 * math.log(10)
+
+
+@pytest.mark.parametrize("p", NORMS, ids=lambda p: f"p{p:g}")
+def test_norm_kkt_residual_vanishes_at_the_lp_max_margin_and_not_elsewhere(p):
+    from homoflow.kkt import norm_kkt_residual
+    X, y = data.three_norms()
+    Z = y[:, None] * X
+    w, _ = max_margin(Z, p)
+    r = norm_kkt_residual(Z, w, p)
+    assert r.eps <= 1e-8 * np.linalg.norm(w, p) ** 2 and abs(r.delta) <= 1e-8
+    other, _ = max_margin(Z, 2.0 if p != 2.0 else 1.0)
+    r_other = norm_kkt_residual(Z, other, p)
+    assert r_other.eps + r_other.delta > 1e-2
+    with pytest.raises(ValueError, match="does not separate"):
+        norm_kkt_residual(Z, -w, p)
