@@ -346,3 +346,23 @@ def test_norm_kkt_residual_vanishes_at_the_lp_max_margin_and_not_elsewhere(p):
     assert r_other.eps + r_other.delta > 1e-2
     with pytest.raises(ValueError, match="does not separate"):
         norm_kkt_residual(Z, -w, p)
+
+
+def test_one_compiled_program_serves_every_norm():
+    traces = []   # a Python side effect runs once per trace (chex is not a dependency)
+
+    def counted(f):
+        def g(*args):
+            traces.append(f.__name__)
+            return f(*args)
+        return g
+
+    direction = jax.jit(counted(geometry.steepest_direction))
+    margins = jax.jit(counted(geometry.lp_margins))
+    X, y = data.three_norms()
+    problem = make_problem(models.linear(3), losses.exponential(), X, y)
+    w = (jnp.asarray([[1.0], [-0.2], [0.4]]),)
+    for p in NORMS:   # p enters as a traced 1/p: no retrace
+        direction(w, geometry.inv_p(p))
+        margins(problem, w, geometry.inv_p(p))
+    assert sorted(traces) == ["lp_margins", "steepest_direction"]
