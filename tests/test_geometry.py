@@ -297,6 +297,7 @@ def test_sweep_rejects_bad_steepest_settings_before_compute():
         sweep.expand({"policy": "sign", "p": [1.5, 3.0]})
 
 
+@pytest.mark.slow   # ~10 s of compilation for a thin layer over descent (tested above)
 def test_cli_runs_steepest_descent_and_records_the_matching_margins(tmp_path, capsys):
     from homoflow.cli import main
     from homoflow.trajectory import Trajectory
