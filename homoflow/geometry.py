@@ -2,7 +2,7 @@
 fast margin maximizers of linear models, and the sharpness of the loss.
 
 Steepest descent w.r.t. a norm ||.|| steps along d(g) = argmax_{||d|| <= ||g||_*} <g, d>
-(Gunasekar, Lee, Soudry & Srebro, ICML 2018, eq. (3)); for l_p with 1/p + 1/q = 1,
+(Gunasekar, Lee, Soudry & Srebro, ICML 2018, Section 3); for l_p with 1/p + 1/q = 1,
 
     d(g) = sign(g) |g|^{q-1} / ||g||_q^{q-2}      (||d||_p = ||g||_q, <g, d> = ||g||_q^2),
 
@@ -205,7 +205,7 @@ def dual_acceleration() -> optax.GradientTransformation:
         g_t = beta_t (g_{t-1} + grad log L(w_t)),   w_{t+1} = w_t - (g_t + grad log L(w_t)),
 
     where grad log L(w) = -Z^T q(w) and q(w) = softmax(-Z w) is their dual variable
-    (exponential loss). Their Theorem 3.1: the l2 margin gap is O(log n log t / t^2).
+    (exponential loss). Their main result: the l2 margin gap is O(log n log t / t^2).
     Feed it the gradient of log L (``schedules.optax_optimizer(..., objective="log_loss")``)."""
     def init(params):
         return DualAccelerationState(jax.tree_util.tree_map(jnp.zeros_like, params),

@@ -223,7 +223,7 @@ def test_depth2_diagonal_net_heads_to_the_l1_max_margin_and_polishes_onto_it():
 
 def test_depth3_diagonal_net_ends_at_an_l_2_over_3_kkt_point_after_polish():
     # KKT points of min ||theta||^2 s.t. q_n >= 1 over (u1, u2, u3) are those of the
-    # l_{2/3} max-margin problem in w = u1 * u2 * u3 (Gunasekar et al. 2018, Theorem 3)
+    # l_{2/3} max-margin problem in w = u1 * u2 * u3 (Gunasekar, Lee, Soudry & Srebro, NeurIPS 2018)
     problem, traj = _diagonal_run(3, 0.5, 0.2, [100, 100_000])
     end = tuple(jnp.asarray(u[-1]) for u in traj.snapshots)
     polished = polish_kkt(problem, end, rtol=0.0, max_iter=400)
