@@ -367,3 +367,21 @@ def test_one_compiled_program_serves_every_norm():
         direction(w, geometry.inv_p(p))
         margins(problem, w, geometry.inv_p(p))
     assert sorted(traces) == ["lp_margins", "steepest_direction"]
+
+
+@pytest.mark.slow
+def test_adam_on_log_loss_heads_to_the_linf_max_margin_and_on_loss_stops_short(three):
+    # Zhang, Zou & Cao (NeurIPS 2024): Adam without eps -> l_inf margin; through grad L the
+    # gradient falls below Adam's eps and the steps shrink with L (schedules.optax_optimizer)
+    import optax
+    problem, refs = three
+    ends = {}
+    for objective in ("log_loss", "loss"):
+        opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.05)
+        traj = descent(problem, (jnp.zeros((3, 1)),),
+                       schedules.optax_optimizer(opt, objective=objective), 20_000,
+                       progress=False, kkt=False, n_records=3)
+        ends[objective] = np.asarray(traj.snapshots[0][-1]).ravel()
+        assert traj.columns["log_T"][-1] == pytest.approx(math.log(0.05 * 20_000))
+    assert angle(ends["log_loss"], refs[math.inf]) < 2e-3
+    assert angle(ends["loss"], refs[math.inf]) > 0.05
