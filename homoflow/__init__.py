@@ -9,7 +9,7 @@ import jax
 # float64 by default: the science lives at losses of 10^-800 and below (DESIGN §2).
 jax.config.update("jax_enable_x64", True)
 
-from . import data, losses, models, schedules  # noqa: E402
+from . import data, geometry, losses, models, schedules  # noqa: E402
 from .descent import RunStopped, descent, record_grid  # noqa: E402
 from .diagnostics import Diagnostics, diagnostics  # noqa: E402
 from .losses import Loss, cross_entropy, exp_tailed, exponential, logistic  # noqa: E402
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Diagnostics", "HomogeneityError", "Loss", "Model", "Problem", "RunStopped", "Trajectory",
     "check_homogeneity", "cross_entropy", "data", "descent", "diagnostics", "exp_tailed",
-    "exponential", "homogeneous_model", "logistic", "losses", "make_problem", "models",
+    "exponential", "geometry", "homogeneous_model", "logistic", "losses", "make_problem", "models",
     "record_grid", "schedules",
 ]

@@ -18,7 +18,10 @@ from .problem import make_problem
 
 MODELS = ("mlp", "linear", "deep_linear", "diagonal_linear")
 ACTIVATION_CHOICES = ("relu", "leaky_relu", "relu_power", "quadratic")
-POLICIES = ("loss_based", "constant", "h_bound", "adam", "sgd_optax")
+POLICIES = ("loss_based", "constant", "h_bound", "normalized", "sign", "coordinate", "lp",
+            "dual_acceleration", "progressive_rescaling", "adam", "rmsprop", "adagrad",
+            "sign_sgd", "sgd_optax")
+STEEPEST = {"sign": "inf", "coordinate": 1.0, "lp": None}   # None: --p
 
 
 def _build_model(args, dim, n_outputs):
@@ -37,6 +40,16 @@ def _build_model(args, dim, n_outputs):
 
 
 def _build_policy(args):
+    if args.policy in STEEPEST:   # steepest descent; --step picks the step rule
+        step = _build_policy(argparse.Namespace(**{**vars(args), "policy": args.step}))
+        return schedules.steepest(args.p if STEEPEST[args.policy] is None
+                                  else STEEPEST[args.policy], step)
+    if args.policy == "normalized":
+        return schedules.normalized(args.alpha0)
+    if args.policy == "dual_acceleration":
+        return schedules.dual_acceleration()
+    if args.policy == "progressive_rescaling":
+        return schedules.progressive_rescaling(args.lr)
     if args.policy == "loss_based":
         return schedules.loss_based(alpha0=args.alpha0)
     if args.policy == "constant":
@@ -45,8 +58,10 @@ def _build_policy(args):
         return schedules.h_bound(c_eta=args.c_eta, lr_before_t0=args.lr)
     import optax
 
-    opt = {"adam": optax.adam, "sgd_optax": optax.sgd}[args.policy]
-    return schedules.optax_optimizer(optax.inject_hyperparams(opt)(learning_rate=args.lr))
+    opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad,
+           "sign_sgd": optax.sign_sgd, "sgd_optax": optax.sgd}[args.policy]
+    return schedules.optax_optimizer(optax.inject_hyperparams(opt)(learning_rate=args.lr),
+                                     objective=args.objective)
 
 
 def _summary_table(summary: dict) -> str:
@@ -101,7 +116,7 @@ def _run(args) -> int:
         else:
             traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
                            key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
-                           config=config)
+                           config=config, margin_norm=args.margin_norm)
     except RunStopped as stop:
         traj, code = stop.trajectory, 2
         print(f"stopped: {stop}", file=sys.stderr)
@@ -162,8 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-seed", type=int, default=0)
     run.add_argument("--policy", choices=POLICIES, default="loss_based",
                      help="step sizes: loss_based (eta = alpha/L, Appendix K.1), constant "
-                          "(--lr), h_bound (eta = H(L), Appendix E.1, needs --c-eta), or an "
-                          "optax optimizer (adam, sgd_optax) with --lr")
+                          "(--lr), h_bound (eta = H(L), Appendix E.1, needs --c-eta), "
+                          "normalized (eta = alpha0/L fixed); steepest descent in a norm: "
+                          "sign (l_inf), coordinate (l1), lp (--p), each with --step; the "
+                          "fast margin maximizers dual_acceleration and "
+                          "progressive_rescaling (--lr: its step); or an optax optimizer "
+                          "(adam, rmsprop, adagrad, sign_sgd, sgd_optax) with --lr and "
+                          "--objective")
+    run.add_argument("--p", type=float, default=2.0,
+                     help="lp: the norm of steepest descent, in [1, inf]")
+    run.add_argument("--step", choices=("loss_based", "normalized", "constant"),
+                     default="loss_based", help="sign, coordinate, lp: their step rule")
+    run.add_argument("--objective", choices=("loss", "log_loss"), default="loss",
+                     help="optax optimizers: minimize L (default, as before) or log L. "
+                          "log_loss keeps the gradient of order one, so an adaptive "
+                          "method's eps does not turn it into GD: with it Adam reaches the "
+                          "l_inf max-margin limit, with loss it stalls near GD's l2 "
+                          "direction (grad L underflows with L)")
+    run.add_argument("--margin-norm", type=float, default=None,
+                     help="also record the margins in this l_p norm (e.g. the --p of lp)")
     run.add_argument("--lr", type=float, default=1e-4,
                      help="constant step; h_bound: step before t0; optax: learning rate")
     run.add_argument("--alpha0", type=float, default=0.1, help="loss_based initial alpha")
@@ -195,7 +227,9 @@ _SWEEP_AXES = {  # option -> (type, help); every option takes one or more values
     "dim": (int, "input dimension"), "classes": (int, "classes of gaussian_classes"),
     "data_seed": (int, "seed of the data (vmapped)"),
     "seed": (int, "seed of the initialization (vmapped)"),
-    "policy": (str, "constant, loss_based or h_bound"),
+    "policy": (str, "constant, loss_based, h_bound, normalized, sign, coordinate or lp"),
+    "step": (str, "sign, coordinate, lp: step rule loss_based, normalized or constant"),
+    "p": (float, "lp: the norm, in [1, inf] (vmapped)"),
     "lr": (float, "constant step; h_bound: step before t0 (vmapped)"),
     "alpha0": (float, "loss_based initial alpha (vmapped)"),
     "r_u": (float, "loss_based growth factor (vmapped)"),

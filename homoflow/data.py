@@ -41,6 +41,18 @@ def gaussian_classes(n: int = 100, dim: int = 10, n_classes: int = 3, seed: int 
     return X, y
 
 
+def three_norms():
+    """6 points in R^3 whose l1, l2 and l_inf max-margin directions are far apart (0.36,
+    0.33 and 0.66 rad pairwise; measured in tests/test_geometry.py): Gaussian points
+    labelled by the hyperplane w = (1, 0.5, 0.2), seed 3 (found by a search over seeds for
+    pairwise angles >= 0.3 rad). The l1 solution has two non-zero coordinates and the
+    l_inf one an interior coordinate, so neither coordinate nor sign descent is trivial.
+    Returns (X, y)."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(6, 3))
+    return X, np.sign(X @ np.array([1.0, 0.5, 0.2]))
+
+
 DATASETS = {"separable": linearly_separable, "gaussian_classes": gaussian_classes}
 
 

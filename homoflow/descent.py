@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .diagnostics import diagnostics, global_norm, tree_dot
+from .geometry import inv_p, lp_columns_jit, sharpness_jit
 from .kkt import kkt_columns
 from .problem import Problem
 from .schedules import Policy, T0Info, optax_log_lr
@@ -64,15 +65,17 @@ def _tree_axpy(a, x, y):
     return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
 
 
-def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int):
+def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int, direction=None):
     """One epoch of mini-batch SGD: each step subtracts exp(log_scale + log L^_B) grad log L^_B,
-    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss."""
+    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss (``direction``
+    maps the gradient to a steepest-descent direction, ``geometry.steepest_direction``)."""
     n_batches = problem.n // batch_size
     perm = jax.random.permutation(key, problem.n)[: n_batches * batch_size]
     log_ratio = math.log(problem.n / batch_size)
 
     def one(p, idx):
         log_lb, g = jax.value_and_grad(lambda z: problem.subset(idx).log_loss(z))(p)
+        g = g if direction is None else direction(g)
         return _tree_axpy(-jnp.exp(log_scale + log_lb + log_ratio), g, p), None
 
     params, _ = jax.lax.scan(one, params, perm.reshape(n_batches, batch_size))
@@ -89,9 +92,13 @@ def _propose(problem, policy: Policy, batch_size, s: DescentState, key):
         return (jax.tree_util.tree_map(jnp.add, s.params, updates), optax_log_lr(s.opt_state),
                 1, opt_state)
     log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, problem.order)
+    # steepest descent (``schedules.steepest``): d(grad L) = L d(grad log L), d 1-homogeneous
+    direction = None if policy.direction is None else \
+        (lambda g: policy.direction(s.policy_state, g))
     if batch_size is None:
-        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), s.grad, s.params), log_lr, 1, s.opt_state
-    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size)
+        g = s.grad if direction is None else direction(s.grad)
+        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), g, s.params), log_lr, 1, s.opt_state
+    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size, direction)
     return params, log_lr, n_updates, s.opt_state
 
 
@@ -226,7 +233,8 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             chunk: int = 2000, divergence_factor: float = 1e4, progress: bool = True,
             support_decades: float = 3.0, snapshots: bool = True,
             t0_log_loss: float | None = None, config: dict | None = None,
-            record_at=None, on_record=None, kkt: bool = True) -> Trajectory:
+            record_at=None, on_record=None, kkt: bool = True, margin_norm=None,
+            sharpness: bool = False) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -251,6 +259,12 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
 
     With ``kkt`` every record also holds ``kkt_eps`` and ``kkt_delta``
     (``kkt.kkt_residual``: an NNLS on the smallest 256 constraints, a few ms per record).
+
+    ``margin_norm=p`` (p in [1, inf]) adds the margins in the l_p norm
+    (``geometry.lp_columns``: ``normalized_margin_p``, ``smoothed_margin_p``, their layer
+    forms and ``log_norm_p``), the quantities l_p steepest descent maximizes.
+    ``sharpness=True`` adds ``sharpness`` (top eigenvalue of hess L) and
+    ``log_curvature`` (``geometry.sharpness``: Lanczos on Hessian-vector products).
     """
     if batch_size is not None:
         if not 1 <= int(batch_size) <= problem.n:
@@ -262,6 +276,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                          f"log l(b_f) = {problem.loss.log_threshold:.6g}")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
+    ip = None if margin_norm is None else inv_p(margin_norm)
     key = jax.random.PRNGKey(0) if key is None else key
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     state = initial_state(problem, params0, policy, policy.init(), key, batch_size, log_t0)
@@ -280,6 +295,11 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
                    separated=bool(d.log_loss < problem.loss.log_threshold))
         if kkt:
             row.update({k: float(v) for k, v in kkt_columns(problem, s.params).items()})
+        if ip is not None:
+            row.update({k: float(v) for k, v in lp_columns_jit(problem, s.params, ip).items()})
+        if sharpness:
+            sh = sharpness_jit(problem, s.params)
+            row.update(sharpness=float(sh.sharpness), log_curvature=float(sh.log_curvature))
         rows.append(row)
         stop = on_record is not None and bool(on_record(int(s.step), s.params, row))
         if snapshots:
@@ -314,6 +334,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         "model": problem.model.name,
         "order": problem.order, "layer_orders": list(problem.model.layer_orders),
         "loss": problem.loss.name, "n": problem.n, "versions": package_versions(),
+        "margin_norm": None if margin_norm is None else float(margin_norm),
         "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                           else key).tolist(),
     }

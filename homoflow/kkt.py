@@ -263,8 +263,15 @@ def _constraint_jacobian(problem: Problem, params) -> np.ndarray:
     return np.asarray(_grads_at(problem, params, jnp.arange(K)))
 
 
-def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMReference:
+def svm_reference(problem: Problem, params=None, kind: str = "linear",
+                  norm=2.0) -> SVMReference:
     """The hard-margin SVM that the theory says a trajectory's direction approaches.
+
+    ``norm`` = p in [1, inf] gives the l_p max-margin classifier instead (``max_margin``:
+    min ||w||_p s.t. the same constraints), the limit of l_p steepest descent on a linear
+    model (p = 1: coordinate descent, and the end-to-end predictor of a depth-2 diagonal
+    net; p = inf: sign descent and Adam). ``direction`` is then w* / ||w*||_p and
+    ``margin`` 1 / ||w*||_p.
 
     ``kind="linear"``: the SVM on the raw inputs (no bias; multi-class: the constraints
     (w_y - w_j)·x_n >= 1 of Appendix F) — the exact limit for linear models, for the
@@ -290,9 +297,9 @@ def svm_reference(problem: Problem, params=None, kind: str = "linear") -> SVMRef
         H = _constraint_jacobian(problem, params)
     else:
         raise ValueError(f"kind must be 'linear' or 'tangent_kernel', got {kind!r}")
-    w, alpha = least_distance(H)
-    norm = float(np.linalg.norm(w))
-    return SVMReference(w, w / norm, 1.0 / norm, alpha, kind)
+    w, alpha = max_margin(H, norm)
+    size = float(np.linalg.norm(w, ord=_check_norm(norm)))
+    return SVMReference(w, w / size, 1.0 / size, alpha, kind)
 
 
 @lru_cache(maxsize=None)  # the same Model object, so the jitted gradients are reused
@@ -525,3 +532,163 @@ def plot_report(report: dict, path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --- max-margin references in other norms (optimizer geometry, ``homoflow.geometry``) ------
+
+def _check_norm(norm) -> float:
+    try:
+        p = float(norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm must be a number in [1, inf] (an l_p norm), got {norm!r}") from None
+    if not p >= 1:
+        raise ValueError(f"norm must be a number in [1, inf] (an l_p norm), got {norm}")
+    return p
+
+
+def _linprog(c, A_ub, b_ub, bounds, what):
+    res = scipy.optimize.linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs-ds",
+                                 options={"primal_feasibility_tolerance": 1e-10,
+                                          "dual_feasibility_tolerance": 1e-10})
+    if res.status == 2:
+        raise ValueError(f"the constraints <w, g_k> >= 1 are infeasible: the data are not "
+                         f"separable by these features, so there is no {what} max-margin "
+                         f"classifier")
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the {what} max-margin LP: {res.message}")
+    return res
+
+
+def _lp_margin_general(Gmat, p):
+    """min ||w||_p s.t. Gmat w >= 1 for 1 < p < inf: SciPy's SLSQP on ||w||_p^p / p from
+    the l2 solution, then Newton on the KKT system of its active set (w = psi(G_S^T lam),
+    psi(v) = sign(v) |v|^{q-1}, G_S w = 1), dropping negative multipliers, to full
+    precision."""
+    K, P = Gmat.shape
+    q = p / (p - 1.0)
+    psi = lambda v: np.sign(v) * np.abs(v) ** (q - 1.0)
+    w0, _ = least_distance(Gmat)
+    res = scipy.optimize.minimize(
+        lambda w: (np.sum(np.abs(w) ** p) / p, np.sign(w) * np.abs(w) ** (p - 1.0)),
+        w0 * max(1.0, 1.0 / (Gmat @ w0).min()), jac=True, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda w: Gmat @ w - 1.0, "jac": lambda w: Gmat}],
+        options={"ftol": 1e-15, "maxiter": 1000})
+    w = res.x
+    S = np.nonzero(Gmat @ w <= 1.0 + 1e-5)[0]
+    for _ in range(K):
+        G = Gmat[S]
+        lam0 = np.linalg.lstsq(G.T, np.sign(w) * np.abs(w) ** (p - 1.0), rcond=None)[0]
+        sol = scipy.optimize.root(
+            lambda lam: (G @ psi(G.T @ lam) - 1.0,
+                         (G * ((q - 1.0) * np.abs(G.T @ lam) ** (q - 2.0))) @ G.T),
+            lam0, jac=True, method="lm", options={"xtol": 1e-15, "ftol": 1e-15})
+        lam = sol.x
+        if lam.min() >= 0:
+            break
+        S = S[lam > 0]
+    w = psi(Gmat[S].T @ lam)
+    alpha = np.zeros(K)
+    alpha[S] = lam
+    return w, alpha
+
+
+def max_margin(Gmat, norm=2.0) -> tuple[np.ndarray, np.ndarray]:
+    """min ||w||_p s.t. Gmat w >= 1 (p = ``norm``): the l_p max-margin classifier of the
+    feature rows Gmat[k] (its margin is 1 / ||w||_p, its direction the limit of l_p
+    steepest descent on a linear model; Gunasekar, Lee, Soudry & Srebro, ICML 2018).
+    Returns (w, alpha) with alpha >= 0 the multipliers of the constraints.
+
+    p = 2: ``least_distance``. p = 1 (w = u - v, u, v >= 0, min 1^T (u + v)) and p = inf
+    (min t s.t. -t <= w_i <= t) are linear programs solved by HiGHS's dual simplex (an exact
+    vertex); other p by SciPy (``_lp_margin_general``: SLSQP, then Newton on the KKT
+    system). Raises ValueError for a bad norm or data that no w separates."""
+    p = _check_norm(norm)
+    Gmat = np.asarray(Gmat, np.float64)
+    K, P = Gmat.shape
+    if p == 2.0:
+        return least_distance(Gmat)
+    if p == 1.0:
+        res = _linprog(np.ones(2 * P), -np.hstack([Gmat, -Gmat]), -np.ones(K),
+                       [(0, None)] * (2 * P), "l1")
+        return res.x[:P] - res.x[P:], -res.ineqlin.marginals
+    if math.isinf(p):
+        c = np.zeros(P + 1)
+        c[-1] = 1.0
+        eye, one = np.eye(P), np.ones((P, 1))
+        A = np.vstack([np.hstack([-Gmat, np.zeros((K, 1))]), np.hstack([eye, -one]),
+                       np.hstack([-eye, -one])])
+        b = np.concatenate([-np.ones(K), np.zeros(2 * P)])
+        res = _linprog(c, A, b, [(None, None)] * P + [(0, None)], "l_inf")
+        return res.x[:P], -res.ineqlin.marginals[:K]
+    return _lp_margin_general(Gmat, p)
+
+
+class NormKKT(NamedTuple):
+    eps: float            # || grad(||w~||_p^2 / 2) - G^T lam ||_q (dual norm), best subgradient
+    delta: float          # sum lam_k (<g_k, w~> - 1)
+    lam: np.ndarray
+
+
+def norm_kkt_residual(Gmat, w, norm=2.0, tol: float = 1e-9) -> NormKKT:
+    """The (eps, delta)-KKT residual (Definition C.6 with the l_p norm) of w for
+    min ||w||_p^2 / 2 s.t. Gmat w >= 1 (the l_p max-margin problem of a linear model), at
+    w~ = w / min_k <g_k, w>: eps = min || s - Gmat^T lam ||_q over lam >= 0 and s in the
+    subdifferential of ||.||_p^2 / 2 at w~, delta = sum lam_k (<g_k, w~> - 1); both 0 exactly
+    at the l_p max-margin classifier (Tsilivis et al. 2025's generalized KKT points).
+
+    p = 1, inf: one LP (HiGHS) over lam and the subgradient (coordinates with
+    |w_i| <= ``tol`` max|w| count as zero; for p = inf the maximal ones are those within
+    ``tol``), minimizing eps + delta. 1 < p < inf: s is the gradient
+    ||w~||_p^{2-p} sign(w~)|w~|^{p-1} (``geometry.steepest_direction`` of w~ in the dual
+    norm) and lam minimizes ||s - G^T lam||_2^2 + delta^2 (``nnls``), a valid certificate
+    whose eps is reported in the q-norm. ValueError where w does not separate."""
+    from .geometry import steepest_direction
+    p = _check_norm(norm)
+    Gmat = np.asarray(Gmat, np.float64)
+    w = np.asarray(w, np.float64).ravel()
+    K, P = Gmat.shape
+    m = Gmat @ w
+    if not m.min() > 0:
+        raise ValueError(f"w does not separate the data (min <g_k, w> = {m.min():.6g})")
+    w = w / m.min()
+    d = Gmat @ w - 1.0
+    a = np.abs(w)
+    if 1 < p < math.inf:
+        s = np.asarray(steepest_direction(jnp.asarray(w), 1.0 - 1.0 / p))
+        lam = np.asarray(nnls(jnp.asarray(np.vstack([Gmat.T, d[None, :]])),
+                              jnp.asarray(np.concatenate([s, [0.0]]))))
+        q = p / (p - 1.0)
+        return NormKKT(float(np.linalg.norm(s - Gmat.T @ lam, ord=q)), float(lam @ d), lam)
+    if p == 1.0:
+        # variables [lam (K), s_free (P), t]; s_i = ||w||_1 sign(w_i) off the zero set
+        n1 = a.sum()
+        free = a <= tol * a.max()
+        s_fixed = np.where(free, 0.0, n1 * np.sign(w))
+        c = np.concatenate([d, np.zeros(P), [1.0]])
+        E = np.diag(free.astype(float))
+        one = np.ones((P, 1))
+        A = np.vstack([np.hstack([-Gmat.T, E, -one]), np.hstack([Gmat.T, -E, -one])])
+        b = np.concatenate([-s_fixed, s_fixed])
+        bounds = [(0, None)] * K + [(-n1, n1) if f else (0, 0) for f in free] + [(0, None)]
+        x = _linprog(c, A, b, bounds, "l1 KKT").x
+        lam = x[:K]
+        s = s_fixed + x[K:K + P] * free
+        return NormKKT(float(np.abs(s - Gmat.T @ lam).max()), float(lam @ d), lam)
+    # p = inf: s = ||w||_inf sum_{i in argmax} mu_i sign(w_i) e_i, mu in the simplex;
+    # variables [lam (K), mu (P), r (P) >= |s - G^T lam|]
+    ninf = a.max()
+    top = a >= (1.0 - tol) * ninf
+    S = np.diag(ninf * np.sign(w) * top)
+    c = np.concatenate([d, np.zeros(P), np.ones(P)])
+    I = np.eye(P)
+    A = np.vstack([np.hstack([-Gmat.T, S, -I]), np.hstack([Gmat.T, -S, -I])])
+    b = np.zeros(2 * P)
+    A_eq = np.concatenate([np.zeros(K), top.astype(float), np.zeros(P)])[None, :]
+    res = scipy.optimize.linprog(c, A_ub=A, b_ub=b, A_eq=A_eq, b_eq=[1.0],
+                                 bounds=[(0, None)] * K + [(0, None) if t else (0, 0) for t in top]
+                                 + [(0, None)] * P, method="highs-ds")
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the l_inf KKT LP: {res.message}")
+    lam, mu = res.x[:K], res.x[K:K + P]
+    s = S @ mu
+    return NormKKT(float(np.abs(s - Gmat.T @ lam).sum()), float(lam @ d), lam)

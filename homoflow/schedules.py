@@ -50,6 +50,8 @@ class Policy:
     optimizer: Any = None                        # an optax GradientTransformation, or None
     objective: str = "loss"                      # optax only: gradient of L or of log L
     config: dict = field(default_factory=dict, compare=False)
+    # (state, grad log L) -> the step's direction (``steepest``); None: the gradient itself
+    direction: Callable[[Any, Any], Any] | None = None
 
 
 def _positive(name, value):
@@ -152,10 +154,16 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
 def optax_optimizer(optimizer, objective: str = "loss") -> Policy:
     """Any optax GradientTransformation.
 
-    ``objective="loss"`` feeds it grad L = L * grad log L (which underflows to 0 once
-    L < 1e-308); ``objective="log_loss"`` feeds grad log L. T = sum eta uses the optimizer's
-    ``learning_rate`` hyperparameter when it was built with ``optax.inject_hyperparams``,
-    and counts steps (eta = 1) otherwise.
+    ``objective`` says which function the optimizer minimizes, and it decides the limit:
+    ``"loss"`` feeds it grad L = L * grad log L (which underflows to 0 once L < 1e-308);
+    ``"log_loss"`` feeds grad log L, which stays of order one. An adaptive method's
+    epsilon then matters: measured on a linear problem, Adam with ``"loss"`` stalled near
+    GD's l2 direction once its gradient fell below Adam's eps (it becomes GD with a tiny
+    step), while Adam and ``optax.sign_sgd`` with ``"log_loss"`` reached the l_inf
+    max-margin direction (Zhang, Zou & Cao, NeurIPS 2024: Adam without eps maximizes the
+    l_inf margin). Choose ``"log_loss"`` to study an optimizer's own geometry.
+    T = sum eta uses the optimizer's ``learning_rate`` hyperparameter when it was built
+    with ``optax.inject_hyperparams``, and counts steps (eta = 1) otherwise.
     """
     if objective not in ("loss", "log_loss"):
         raise ValueError(f"objective must be 'loss' or 'log_loss', got {objective!r}")
@@ -219,3 +227,95 @@ def estimate_smoothness_constants(problem: Problem, key, n_directions: int = 64,
     return {"B0": float(B0), "B1": float(B1), "B2": float(B2), "estimate": True,
             "n_directions": n_directions,
             "note": "sampled lower estimates of the suprema in Appendix E.2, not bounds"}
+
+
+# --- optimizer geometry (``homoflow.geometry``) ---------------------------------------------
+
+class DecayingState(NamedTuple):
+    log_lr: jax.Array
+    power: jax.Array
+    count: jax.Array
+
+
+def decaying(lr: float, power: float = 0.5) -> Policy:
+    """eta_k = lr / (k + 1)^power at accepted iteration k (power >= 0, traced)."""
+    log_lr = math.log(_positive("learning rate lr", lr))
+    power = float(power)
+    if not (math.isfinite(power) and power >= 0):
+        raise ValueError(f"power must be a finite number >= 0, got {power}")
+    return Policy("decaying", lambda: DecayingState(jnp.asarray(log_lr), jnp.asarray(power),
+                                                    jnp.asarray(0.0)),
+                  lambda st, ll, t0, L: st.log_lr - st.power * jnp.log1p(st.count),
+                  lambda st, ok: st._replace(count=st.count + ok),
+                  config={"lr": lr, "power": power})
+
+
+def normalized(alpha: float = 0.1) -> Policy:
+    """Normalized GD: eta = alpha / L, i.e. theta <- theta - alpha grad log L, with alpha
+    fixed (the loss-based scheduler without its growth or retries). On linear models the l2
+    margin gap falls like 1/t (Ji & Telgarsky, ALT 2021; Ji, Srebro & Telgarsky 2021)."""
+    log_alpha = math.log(_positive("alpha", alpha))
+    return Policy("normalized", lambda: jnp.asarray(log_alpha),
+                  lambda st, ll, t0, L: st - ll, lambda st, ok: st,
+                  config={"alpha": alpha})
+
+
+class SteepestState(NamedTuple):
+    step: Any          # the step-size policy's state
+    inv_p: jax.Array   # 1/p (0 for p = inf), traced
+
+
+def steepest(p, step: Policy | None = None) -> Policy:
+    """Steepest descent w.r.t. the l_p norm, p in [1, inf]: the step
+    theta <- theta - exp(log eta + log L) d(grad log L) with d of
+    ``geometry.steepest_direction`` (p = 2: GD; inf: sign descent; 1: greedy coordinate
+    descent) and eta from ``step`` (default ``loss_based()``; ``constant``, ``decaying``,
+    ``normalized`` work too). Since d is 1-homogeneous, d(grad L) = L d(grad log L): the
+    step is exact at any L. On linear models the direction converges to the l_p
+    max-margin classifier (Gunasekar, Lee, Soudry & Srebro, ICML 2018)."""
+    from .geometry import inv_p, steepest_direction
+    ip = inv_p(p)
+    step = loss_based() if step is None else step
+    if step.optimizer is not None or step.direction is not None:
+        raise ValueError(f"steepest needs a step-size policy (constant, decaying, normalized, "
+                         f"loss_based, h_bound), got {step.name!r}")
+    name = {0.0: "sign", 1.0: "coordinate", 0.5: "gd"}.get(ip, "lp")
+    return Policy(f"{name}/{step.name}",
+                  lambda: SteepestState(step.init(), jnp.asarray(ip)),
+                  lambda st, ll, t0, L: step.log_lr(st.step, ll, t0, L),
+                  lambda st, ok: st._replace(step=step.update(st.step, ok)),
+                  retry=step.retry, max_retries=step.max_retries,
+                  config={"p": float(p), "step": step.name, **step.config},
+                  direction=lambda st, g: steepest_direction(g, st.inv_p))
+
+
+def sign_descent(step: Policy | None = None) -> Policy:
+    """Steepest descent in l_inf: ||g||_1 sign(g) (``steepest(inf, step)``)."""
+    return steepest(math.inf, step)
+
+
+def coordinate_descent(step: Policy | None = None) -> Policy:
+    """Steepest descent in l_1: greedy coordinate descent (``steepest(1, step)``)."""
+    return steepest(1.0, step)
+
+
+def dual_acceleration() -> Policy:
+    """Ji, Srebro & Telgarsky's dual acceleration (``geometry.dual_acceleration``) on
+    grad log L; T counts iterations."""
+    from .geometry import dual_acceleration as transform
+    return _named_optax("dual_acceleration", transform(), {})
+
+
+def progressive_rescaling(lr: float = 0.5, radius0: float = 1.0, growth: float = 2.0,
+                          period: int = 5) -> Policy:
+    """Wang, Min & Wu's progressive rescaling GD (``geometry.progressive_rescaling``);
+    T counts iterations."""
+    from .geometry import progressive_rescaling as transform
+    return _named_optax("progressive_rescaling", transform(lr, radius0, growth, period),
+                        {"lr": lr, "radius0": radius0, "growth": growth, "period": period})
+
+
+def _named_optax(name, transform, config) -> Policy:
+    p = optax_optimizer(transform, objective="log_loss")
+    return Policy(name, p.init, p.log_lr, p.update, optimizer=p.optimizer,
+                  objective=p.objective, config=config)

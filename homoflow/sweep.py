@@ -3,10 +3,10 @@
 A grid is a dict whose values are either one value or a list of values (an *axis*); the
 configurations are the Cartesian product of the axes. Axes that keep every array shape —
 the seed of the initialization, the seed of the data, and the step-size policy's numeric
-hyperparameters (``lr``, ``alpha0``, ``r_u``, ``r_d``, ``c_eta``, ``fraction``) — are
-*vmapped*: one compiled program per model shape runs all of them at once. Axes that change
-shapes or code (``depth``, ``width``, ``model``, ``loss``, ``policy``, ``engine``, ``n``,
-``dim``, ...) loop over compiled programs.
+hyperparameters (``lr``, ``alpha0``, ``r_u``, ``r_d``, ``c_eta``, ``fraction``, and the
+norm ``p`` of steepest descent) — are *vmapped*: one compiled program per model shape runs
+all of them at once. Axes that change shapes or code (``depth``, ``width``, ``model``,
+``loss``, ``policy``, ``step``, ``engine``, ``n``, ``dim``, ...) loop over compiled programs.
 
 The vmapped axis is sharded over every device of the run (``jax.sharding``: a 1-D device
 mesh with axis ``"configs"``, named shardings on the inputs and ``jax.shard_map`` for the
@@ -68,7 +68,11 @@ DEFAULTS: dict[str, Any] = {
     "n": 32, "dim": 5, "classes": 3,
     "data_seed": 0,               # vmapped
     "seed": 0,                    # vmapped: seed of the initialization
-    "policy": "constant",         # constant | loss_based | h_bound
+    "policy": "constant",         # constant | loss_based | h_bound | normalized | sign |
+                                  # coordinate | lp (steepest descent, ``schedules.steepest``)
+    "step": "loss_based",         # sign, coordinate, lp: their step rule (loss_based |
+                                  # normalized | constant)
+    "p": 2.0,                     # vmapped: lp's norm (inf allowed)
     "lr": 0.1,                    # vmapped: constant step; h_bound: the step before t0
     "alpha0": 0.1, "r_u": 2 ** (1 / 5), "r_d": 2 ** (1 / 10),    # vmapped: loss_based
     "c_eta": "estimate", "fraction": 1.0,   # vmapped: h_bound (c_eta "estimate": sampled B's)
@@ -77,9 +81,18 @@ DEFAULTS: dict[str, Any] = {
     "t0_log_loss": None,
     "log_t_max": 20.0, "n_saves": 50, "h_max": 0.01, "max_steps": 100_000,   # flow
 }
-VMAPPED = ("seed", "data_seed", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction")
+VMAPPED = ("seed", "data_seed", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction", "p")
 POLICY_KEYS = {"constant": ("lr",), "loss_based": ("alpha0", "r_u", "r_d"),
-               "h_bound": ("lr", "c_eta", "fraction")}
+               "h_bound": ("lr", "c_eta", "fraction"), "normalized": ("alpha0",)}
+STEEPEST = {"sign": math.inf, "coordinate": 1.0, "lp": None}   # None: the grid's p
+
+
+def _policy_keys(c: dict) -> tuple:
+    """The grid keys a configuration's policy reads (steepest descent: its step rule's and,
+    for lp, p)."""
+    if c["policy"] in STEEPEST:
+        return POLICY_KEYS.get(c["step"], ()) + (("p",) if c["policy"] == "lp" else ())
+    return POLICY_KEYS.get(c["policy"], ())
 _AXIS = "configs"
 _SCALAR_SKIP = ("margins", "rho_layers")
 
@@ -115,7 +128,7 @@ def expand(grid: dict) -> list[dict]:
 
 
 def _check_policy_axes(c: dict, swept: set):
-    used = set(POLICY_KEYS.get(c["policy"], ())) if c["engine"] == "descent" else set()
+    used = set(_policy_keys(c)) if c["engine"] == "descent" else set()
     unused = sorted((swept & set(VMAPPED[2:])) - used)
     if unused:
         what = f"policy {c['policy']!r}" if c["engine"] == "descent" else "the flow engine"
@@ -198,7 +211,15 @@ def _policy(c: dict, problem: Problem | None):
             return schedules.h_bound(constants=(est["B0"], est["B1"], est["B2"]),
                                      lr_before_t0=c["lr"], fraction=c["fraction"])
         return schedules.h_bound(c_eta=c["c_eta"], lr_before_t0=c["lr"], fraction=c["fraction"])
-    raise ValueError(f"unknown policy {name!r}; use one of {sorted(POLICY_KEYS)}")
+    if name == "normalized":
+        return schedules.normalized(c["alpha0"])
+    if name in STEEPEST:
+        if c["step"] not in ("loss_based", "normalized", "constant"):
+            raise ValueError(f"unknown step {c['step']!r} for policy {name!r}; use "
+                             f"loss_based, normalized or constant")
+        step = _policy({**c, "policy": c["step"]}, problem)
+        return schedules.steepest(c["p"] if STEEPEST[name] is None else STEEPEST[name], step)
+    raise ValueError(f"unknown policy {name!r}; use one of {sorted([*POLICY_KEYS, *STEEPEST])}")
 
 
 _ESTIMATES: dict = {}
@@ -253,7 +274,7 @@ def plan(configs: list[dict]) -> list[_Group]:
 
 
 def _describe(c: dict) -> str:
-    keys = ("engine", "model", "depth", "loss", "policy", *POLICY_KEYS.get(c["policy"], ()),
+    keys = ("engine", "model", "depth", "loss", "policy", *_policy_keys(c),
             "seed")
     return ", ".join(f"{k}={_name(c[k])}" for k in keys)
 
