@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+import numpy as np
 
 # A kink is active when |z_s| <= KINK_TOL * ||h_n|| ||w_u|| (layer input times the unit's
 # weight column at theta~). Round-off of a dot product of length d is ~d 1e-16 relative,
@@ -360,7 +360,7 @@ def mlp_bracket(problem, flat, unravel, index, d, kink_tol, max_vertex_kinks: in
     m = index.shape[0]
     layers = kink_scales(problem, params)
     shapes = [z.shape[1:] for z, _, _ in layers]
-    sizes = [int(jnp.prod(jnp.array(s))) for s in shapes]
+    splits = np.cumsum([int(np.prod(s)) for s in shapes])[:-1].tolist()
     rel = jnp.concatenate([_relative(z, s).reshape(N, -1) for z, s, _ in layers], axis=1)
     hin = jnp.concatenate([h.reshape(N, -1) for _, _, h in layers], axis=1)
     used = jnp.zeros(N, bool).at[index // rows].set(True)
@@ -378,7 +378,7 @@ def mlp_bracket(problem, flat, unravel, index, d, kink_tol, max_vertex_kinks: in
     def slopes_of(n, bit):
         s = base[n].at[site[n]].set(jnp.where(kept[n], lo + (hi - lo) * bit, base[n][site[n]]))
         return tuple(a.reshape(sh) for a, sh in
-                     zip(jnp.split(s, list(jnp.cumsum(jnp.array(sizes))[:-1])), shapes))
+                     zip(jnp.split(s, splits), shapes))
 
     def columns(bit_rows):  # (m, V) bits -> (m, P) gradients
         sl = jax.vmap(slopes_of)(nk, bit_rows)

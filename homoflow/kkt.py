@@ -217,6 +217,10 @@ def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
     kink_tol = clarke.KINK_TOL if kink_tol is None else kink_tol
     if not isinstance(kink_tol, jax.Array) and not (float(kink_tol) >= 0):
         raise ValueError(f"kink_tol must be >= 0 (relative), got {kink_tol!r}")
+    for name, v in (("max_kinks_per_unit", max_kinks_per_unit),
+                    ("max_vertex_kinks", max_vertex_kinks), ("rounds", rounds)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v!r}")
     L = problem.order
     c_all = constraints(problem, params)
     q_min = jnp.min(c_all)
