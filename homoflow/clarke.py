@@ -79,7 +79,7 @@ def _schur_solver(Nll, Nlm, Nmm):
     return solve
 
 
-def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80):
+def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=None):
     """min 1/2 x^T Q x - q^T x over x = (lambda, mu) with lambda >= 0 and
     0 <= mu_s <= c lambda_owner(s) for the slots with ``mask`` (others fixed at mu = 0).
 
@@ -89,10 +89,12 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80):
 
     Mehrotra's predictor-corrector interior-point method, each Newton system solved by a
     Schur complement onto lambda (W Cholesky factors of T x T, one of m x m), then an
-    active-set refinement: the bounds the IPM finds active (slack < dual) are imposed as
-    equalities and the reduced least squares is solved exactly (ridge 1e-14 plus two steps
-    of iterative refinement); of the IPM point and the refined point, both projected onto
-    the feasible set, the one with the smaller objective is returned."""
+    active-set refinement: the bounds the IPM finds active (slack < dual, or primal within
+    1e-7 / 1e-10 of the bound) are imposed as equalities and the reduced least squares is
+    solved exactly (four proximal-point steps from the IPM point, ridge 1e-9); of the IPM point
+    and the refined points, all projected onto the feasible set, the one of smallest
+    ``rank(lam, mu)`` is returned (default: the objective from Q; pass the residual computed
+    from the design itself where the objective's round-off, ~1e-16 ||b||^2, matters)."""
     m = Qll.shape[0]
     W, T = qm.shape
     dt = Qll.dtype
@@ -186,39 +188,52 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80):
         lam = jnp.maximum(lam, 0.0)
         return lam, jnp.where(mask, jnp.clip(mu, 0.0, cm * lam[owner]), 0.0)
 
-    # active-set refinement: impose the identified bounds as equalities
-    free_l = s[0] > z[0]
-    lower = s[1] <= z[1]
-    upper = (s[2] <= z[2]) & ~lower & mask
-    inter = mask & ~lower & ~upper
-    EU = jnp.transpose(onehot * (cm * upper)[:, :, None], (2, 0, 1))          # (m, W, T)
-    QmmEU = jnp.einsum("jts,ljs->jtl", Qmm, EU)
-    Rll = (Qll + jnp.einsum("kjt,ljt->kl", Qlm, EU) + jnp.einsum("kjt,ljt->lk", Qlm, EU)
-           + jnp.einsum("kjt,jtl->kl", EU, QmmEU))
-    Rlm = Qlm + jnp.transpose(QmmEU, (2, 0, 1))
-    rl = ql + jnp.einsum("kjt,jt->k", EU, qm)
-    fl, fm = free_l, inter
-    Rll = jnp.where(fl[:, None] & fl[None, :], Rll, 0.0) + jnp.diag(jnp.where(fl, 0.0, 1.0))
-    Rlm = jnp.where(fl[:, None, None] & fm[None], Rlm, 0.0)
-    Rmm = jnp.where(fm[:, :, None] & fm[:, None, :], Qmm, 0.0) \
-        + jnp.where(fm, 0.0, 1.0)[:, :, None] * jnp.eye(T, dtype=dt)
-    rl, rm = jnp.where(fl, rl, 0.0), jnp.where(fm, qm, 0.0)
-    ridge = 1e-14 * jnp.maximum(jnp.max(jnp.diag(Rll)), 1.0)
-    solve = _schur_solver(Rll + ridge * jnp.eye(m, dtype=dt), Rlm,
-                          Rmm + ridge * jnp.eye(T, dtype=dt))
-    xl, xm = solve(rl, rm)
-    for _ in range(2):
-        gl = Rll @ xl + jnp.einsum("kjt,jt->k", Rlm, xm)
-        gm = jnp.einsum("kjt,k->jt", Rlm, xl) + jnp.einsum("jts,js->jt", Rmm, xm)
-        dl, dm = solve(rl - gl, rm - gm)
-        xl, xm = xl + dl, xm + dm
-    lam_r = jnp.where(fl, xl, 0.0)
-    mu_r = jnp.where(fm, xm, 0.0) + cm * upper * lam_r[owner]
-    cand = [project(lam, mu), project(lam_r, mu_r)]
-    obj = jnp.stack([objective(*x) for x in cand])
-    use_r = jnp.isfinite(obj[1]) & (obj[1] <= obj[0])
-    lam_o = jnp.where(use_r, cand[1][0], cand[0][0])
-    mu_o = jnp.where(use_r, cand[1][1], cand[0][1])
+    def refine(free_l, lower, upper):
+        """Impose the identified bounds as equalities; solve the reduced least squares."""
+        upper = upper & ~lower & mask
+        inter = mask & ~lower & ~upper
+        EU = jnp.transpose(onehot * (cm * upper)[:, :, None], (2, 0, 1))      # (m, W, T)
+        QmmEU = jnp.einsum("jts,ljs->jtl", Qmm, EU)
+        Rll = (Qll + jnp.einsum("kjt,ljt->kl", Qlm, EU) + jnp.einsum("kjt,ljt->lk", Qlm, EU)
+               + jnp.einsum("kjt,jtl->kl", EU, QmmEU))
+        Rlm = Qlm + jnp.transpose(QmmEU, (2, 0, 1))
+        rl = ql + jnp.einsum("kjt,jt->k", EU, qm)
+        fl, fm = free_l, inter
+        Rll = jnp.where(fl[:, None] & fl[None, :], Rll, 0.0) + jnp.diag(jnp.where(fl, 0.0, 1.0))
+        Rlm = jnp.where(fl[:, None, None] & fm[None], Rlm, 0.0)
+        Rmm = jnp.where(fm[:, :, None] & fm[:, None, :], Qmm, 0.0) \
+            + jnp.where(fm, 0.0, 1.0)[:, :, None] * jnp.eye(T, dtype=dt)
+        rl, rm = jnp.where(fl, rl, 0.0), jnp.where(fm, qm, 0.0)
+        # proximal-point steps from the IPM point: (R + rho I) dx = r - R x. Where R is
+        # singular (a site's slots for several constraints have parallel generators) the
+        # split along its null space stays the IPM's, which is feasible
+        ridge = 1e-9 * jnp.maximum(jnp.max(jnp.diag(Rll)), 1.0)
+        solve = _schur_solver(Rll + ridge * jnp.eye(m, dtype=dt), Rlm,
+                              Rmm + ridge * jnp.eye(T, dtype=dt))
+        xl, xm = jnp.where(fl, lam, 0.0), jnp.where(fm, mu, 0.0)
+        for _ in range(4):
+            gl = Rll @ xl + jnp.einsum("kjt,jt->k", Rlm, xm)
+            gm = jnp.einsum("kjt,k->jt", Rlm, xl) + jnp.einsum("jts,js->jt", Rmm, xm)
+            dl, dm = solve(rl - gl, rm - gm)
+            xl, xm = xl + dl, xm + dm
+        lam_r = jnp.where(fl, xl, 0.0)
+        return project(lam_r, jnp.where(fm, xm, 0.0) + cm * upper * lam_r[owner])
+
+    # active-set refinement from three identifications of the active bounds: slack below
+    # its dual (strict complementarity), and primal values within 1e-7 / 1e-10 of a bound
+    # (weakly active bounds defeat the first); the best projected candidate is returned
+    cand = [project(lam, mu),
+            refine(s[0] > z[0], s[1] <= z[1], s[2] <= z[2])]
+    big = jnp.maximum(jnp.max(lam), jnp.finfo(dt).tiny)
+    for tau in (1e-7, 1e-10):
+        cand.append(refine(lam > tau * big, mu <= tau * big, mu >= cm * lam[owner] - tau * big))
+    score = rank if rank is not None else objective
+    obj = jnp.stack([score(*x) for x in cand])
+    obj = jnp.where(jnp.isfinite(obj), obj, jnp.inf)
+    best = jnp.argmin(obj)
+    lam_o = jnp.stack([x[0] for x in cand])[best]
+    mu_o = jnp.stack([x[1] for x in cand])[best]
+    use_r = best > 0
     return lam_o, mu_o, QPInfo(it, gap(s, z), use_r)
 
 
@@ -307,11 +322,18 @@ def one_hidden_residual(problem, flat, unravel, index, d, kink_tol, max_kinks_pe
     HW = H[:, : dim * Wn].reshape(m, dim, Wn)
     bW = flat[: dim * Wn].reshape(dim, Wn)
     Qll = H @ H.T + d[:, None] * d[None, :]
+    pad = jnp.zeros(flat.shape[0] - dim * Wn, flat.dtype)
+
+    def residual(lam, mu):  # theta~ - H^T lam - G^T mu, from the design itself
+        return flat - H.T @ lam - jnp.concatenate([jnp.einsum("jt,jtd->dj", mu, V).ravel(), pad])
+
+    def rank(lam, mu):
+        return jnp.sum(residual(lam, mu) ** 2) + jnp.sum(lam * d) ** 2
+
     lam, mu, info = box_cone_qp(Qll, H @ flat, jnp.einsum("kdj,jtd->kjt", HW, V),
                                 jnp.einsum("jtd,jsd->jts", V, V),
-                                jnp.einsum("jtd,dj->jt", V, bW), owner, mask, hi - lo)
-    gmu = jnp.einsum("jt,jtd->dj", mu, V).ravel()
-    r = flat - H.T @ lam - jnp.concatenate([gmu, jnp.zeros(flat.shape[0] - gmu.shape[0])])
+                                jnp.einsum("jtd,dj->jt", V, bW), owner, mask, hi - lo, rank=rank)
+    r = residual(lam, mu)
     return ClarkeSolution(jnp.linalg.norm(r), jnp.sum(lam * d), lam, n_kinks, capped, H,
                           info.iterations)
 

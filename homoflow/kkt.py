@@ -183,6 +183,15 @@ def _constraint_grads(problem: Problem, flat, unravel, index, slopes=None,
 SELECTIONS = ("clarke", "autodiff")
 
 
+def _smooth_residual(problem: Problem, flat, unravel, index, d):
+    """(eps, lambda, H) with autodiff's gradients: the NNLS over lambda >= 0 of
+    ||[flat; 0] - [H^T; d^T] lambda|| from its normal equations (``nnls_gram``)."""
+    H = _constraint_grads(problem, flat, unravel, index)        # (m, P): rows h_k
+    G = H @ H.T + d[:, None] * d[None, :]
+    lam = nnls_gram(G, H @ flat, jnp.linalg.norm(flat))
+    return jnp.linalg.norm(flat - H.T @ lam), lam, H
+
+
 def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
                  selection: str = "clarke", kink_tol=None, max_kinks_per_unit: int = 8,
                  max_vertex_kinks: int = 4, rounds: int = 4) -> KKTResidual:
@@ -235,9 +244,16 @@ def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
     tol = jnp.asarray(kink_tol, flat.dtype)
     n_kinks, capped = jnp.asarray(0), jnp.asarray(False)
     if selection == "clarke" and kinks is not None and kinks.exact:
-        sol = clarke.one_hidden_residual(problem, flat, unravel, index, d, tol,
-                                         max_kinks_per_unit)
-        eps, lam, H, n_kinks, capped = sol.eps, sol.lam, sol.H, sol.n_kinks, sol.capped
+        def with_kinks(_):
+            sol = clarke.one_hidden_residual(problem, flat, unravel, index, d, tol,
+                                             max_kinks_per_unit)
+            return sol.eps, sol.lam, sol.H, sol.capped
+
+        def without_kinks(_):  # q_n differentiable at every used point: Clarke = autodiff
+            return _smooth_residual(problem, flat, unravel, index, d) + (jnp.asarray(False),)
+
+        n_kinks = clarke.count_active(problem, unravel(flat), index, tol)
+        eps, lam, H, capped = jax.lax.cond(n_kinks > 0, with_kinks, without_kinks, None)
         eps_lower = jnp.where(capped, jnp.nan, eps)
     elif selection == "clarke" and kinks is not None and clarke.is_mlp(problem.model):
         br = clarke.mlp_bracket(problem, flat, unravel, index, d, tol, max_vertex_kinks,
@@ -245,10 +261,7 @@ def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
         eps, eps_lower, lam, H, n_kinks = br.eps, br.eps_lower, br.lam, br.H, br.n_kinks
         capped = br.capped
     else:
-        H = _constraint_grads(problem, flat, unravel, index)        # (m, P): rows h_k
-        G = H @ H.T + d[:, None] * d[None, :]
-        lam = nnls_gram(G, H @ flat, jnp.linalg.norm(flat))
-        eps = jnp.linalg.norm(flat - H.T @ lam)
+        eps, lam, H = _smooth_residual(problem, flat, unravel, index, d)
         eps_lower = eps
         if selection == "clarke" and kinks is not None:
             n_kinks = clarke.count_active(problem, unravel(flat), index, tol)

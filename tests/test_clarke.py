@@ -2,6 +2,8 @@
 constructions whose multipliers need kink selections strictly inside the Clarke interval,
 agreement with an independent convex solver, and how eps depends on the kink tolerance."""
 
+from functools import lru_cache
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,15 @@ from homoflow import kkt, losses, models
 from homoflow.problem import Problem, make_problem
 
 
+_ACTS = {"relu": "relu", "leaky0.1": models.leaky_relu(0.1)}
+# one compiled program per model (kink_tol is traced: always pass it as a float, so every
+# call has the same signature); constructions are cached so that
+# their models (hashed by identity) are built once
+residual = jax.jit(kkt.kkt_residual, static_argnames=(
+    "max_constraints", "selection", "max_kinks_per_unit", "max_vertex_kinks", "rounds"))
+
+
+@lru_cache(maxsize=None)
 def _two_layer_kink_point(act="relu", t=0.5):
     """A KKT point of (P) for a width-2 two-layer net on x_1 = (1, -t), x_2 = (0, 1) (both
     q = 1) and x_3 = (3, -1) (q = 3.5, inactive), y = +1: w_1 = e_1, a_1 = 1,
@@ -22,10 +33,11 @@ def _two_layer_kink_point(act="relu", t=0.5):
     lam = np.sqrt(1 + t * t)
     c, a2 = lam ** -0.5, lam ** 0.5
     X = np.array([[1.0, -t], [0.0, 1.0], [3.0, -1.0]])
-    prob = make_problem(models.mlp((2, 2, 1), act), losses.exponential(), X, np.ones(3))
+    prob = make_problem(models.mlp((2, 2, 1), _ACTS[act]), losses.exponential(), X, np.ones(3))
     return prob, (jnp.array([[1.0, c * t], [0.0, c]]), jnp.array([[1.0], [a2]])), lam
 
 
+@lru_cache(maxsize=None)
 def _depth3_kink_point(act="relu"):
     """The same point through a depth-3 net: W_1 = alpha W_1', W_2 = F a^T (rank one,
     positive: no kinks in layer 2) with F = kappa alpha a', a = (1, 1) / (sqrt 2 kappa),
@@ -36,17 +48,17 @@ def _depth3_kink_point(act="relu"):
     alpha = np.linalg.norm(a2) ** (-1 / 3)
     kappa = alpha ** 2
     a = np.ones(2) / (np.sqrt(2) * kappa)
-    prob = make_problem(models.mlp((2, 2, 2, 1), act), losses.exponential(),
+    prob = make_problem(models.mlp((2, 2, 2, 1), _ACTS[act]), losses.exponential(),
                         np.asarray(prob2.X), np.asarray(prob2.y))
     return prob, (alpha * W1, jnp.asarray(np.outer(kappa * alpha * a2, a)), jnp.asarray(a[:, None]))
 
 
-@pytest.mark.parametrize("act", ["relu", models.leaky_relu(0.1)], ids=["relu", "leaky0.1"])
+@pytest.mark.parametrize("act", list(_ACTS))
 def test_two_layer_kkt_point_needing_interior_kink_slopes_has_zero_clarke_residual(act):
     prob, theta, lam = _two_layer_kink_point(act)
     np.testing.assert_allclose(np.asarray(prob.margins(theta)), [1.0, 1.0, 3.5], rtol=1e-15)
-    r = kkt.kkt_residual(prob, theta)
-    auto = kkt.kkt_residual(prob, theta, selection="autodiff")
+    r = residual(prob, theta, kink_tol=1e-9)
+    auto = residual(prob, theta, selection="autodiff", kink_tol=1e-9)
     assert int(r.n_kinks) == 2 and not bool(r.capped) and float(r.kink_tol) == 1e-9
     assert float(r.eps) <= 1e-10 and abs(float(r.delta)) <= 1e-10   # measured 4e-16, 0
     assert float(r.eps_lower) == float(r.eps)                         # one hidden layer: exact
@@ -54,16 +66,17 @@ def test_two_layer_kkt_point_needing_interior_kink_slopes_has_zero_clarke_residu
     assert float(auto.eps) >= 0.1        # measured 0.444 (ReLU: sigma = 0), 0.823 (leaky: 1)
 
 
-@pytest.mark.parametrize("act", ["relu", models.leaky_relu(0.1)], ids=["relu", "leaky0.1"])
+@pytest.mark.parametrize("act", list(_ACTS))
 def test_depth3_kkt_point_bracket_contains_zero(act):
     prob, theta = _depth3_kink_point(act)
     np.testing.assert_allclose(np.asarray(prob.margins(theta)), [1.0, 1.0, 3.5], rtol=1e-14)
-    r = kkt.kkt_residual(prob, theta)
+    r = residual(prob, theta, kink_tol=1e-9)
     assert int(r.n_kinks) == 2 and not bool(r.capped)
     # upper end of the bracket ~1e-15; lower end proven (pricing converged, all vertices
     # enumerated) and equal to it
     assert 0.0 <= float(r.eps_lower) <= float(r.eps) <= 1e-10 and abs(float(r.delta)) <= 1e-10
-    assert float(kkt.kkt_residual(prob, theta, selection="autodiff").eps) >= 0.1  # 0.383/0.746
+    auto = residual(prob, theta, selection="autodiff", kink_tol=1e-9)
+    assert float(auto.eps) >= 0.1                                    # measured 0.383, 0.746
 
 
 def _random_instances(act, C, count, seed, N=8, d=3, width=5):
@@ -151,15 +164,15 @@ def test_a_near_kink_counts_as_a_kink_only_within_the_tolerance():
     the certificate is for the point with the kink moved back onto 0)."""
     prob, (W1, a), _ = _two_layer_kink_point()
     W1 = W1.at[1, 0].set(1e-6)
-    tight = kkt.kkt_residual(prob, (W1, a))
-    loose = kkt.kkt_residual(prob, (W1, a), kink_tol=1e-5)
+    tight = residual(prob, (W1, a), kink_tol=1e-9)
+    loose = residual(prob, (W1, a), kink_tol=1e-5)
     assert int(tight.n_kinks) == 1 and int(loose.n_kinks) == 2
     assert float(tight.eps) >= 0.1 and float(loose.eps) <= 1e-5
 
 
 def test_kkt_columns_record_the_tolerance_and_the_number_of_kinks():
     prob, theta, _ = _two_layer_kink_point()
-    cols = kkt.kkt_columns(prob, theta)
+    cols = kkt.kkt_columns(prob, theta, kink_tol=1e-9)
     assert set(cols) == {"kkt_eps", "kkt_delta", "kkt_eps_lower", "kkt_kink_tol", "kkt_n_kinks"}
     assert float(cols["kkt_kink_tol"]) == 1e-9 and int(cols["kkt_n_kinks"]) == 2
     assert float(cols["kkt_eps"]) <= 1e-10
