@@ -222,17 +222,19 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
     # active-set refinement from three identifications of the active bounds: slack below
     # its dual (strict complementarity), and primal values within 1e-7 / 1e-10 of a bound
     # (weakly active bounds defeat the first); the best projected candidate is returned
-    cand = [project(lam, mu),
-            refine(s[0] > z[0], s[1] <= z[1], s[2] <= z[2])]
     big = jnp.maximum(jnp.max(lam), jnp.finfo(dt).tiny)
-    for tau in (1e-7, 1e-10):
-        cand.append(refine(lam > tau * big, mu <= tau * big, mu >= cm * lam[owner] - tau * big))
+    rules = [(s[0] > z[0], s[1] <= z[1], s[2] <= z[2])] + [
+        (lam > tau * big, mu <= tau * big, mu >= cm * lam[owner] - tau * big)
+        for tau in (1e-7, 1e-10)]
+    ref_l, ref_m = jax.vmap(refine)(*(jnp.stack(r) for r in zip(*rules)))
+    ipm_l, ipm_m = project(lam, mu)
+    cand_l = jnp.concatenate([ipm_l[None], ref_l])
+    cand_m = jnp.concatenate([ipm_m[None], ref_m])
     score = rank if rank is not None else objective
-    obj = jnp.stack([score(*x) for x in cand])
+    obj = jax.vmap(score)(cand_l, cand_m)
     obj = jnp.where(jnp.isfinite(obj), obj, jnp.inf)
     best = jnp.argmin(obj)
-    lam_o = jnp.stack([x[0] for x in cand])[best]
-    mu_o = jnp.stack([x[1] for x in cand])[best]
+    lam_o, mu_o = cand_l[best], cand_m[best]
     use_r = best > 0
     return lam_o, mu_o, QPInfo(it, gap(s, z), use_r)
 

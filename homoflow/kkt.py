@@ -230,6 +230,15 @@ def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
                     ("max_vertex_kinks", max_vertex_kinks), ("rounds", rounds)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v!r}")
+    return _kkt_residual(problem, params, max_constraints, selection, kink_tol,
+                         int(max_kinks_per_unit), int(max_vertex_kinks), int(rounds))
+
+
+# one compiled program per model and shape, for eager callers too (inlined under jit/vmap)
+@partial(jax.jit, static_argnums=(2, 3, 5, 6, 7))
+def _kkt_residual(problem: Problem, params, max_constraints, selection, kink_tol,
+                  max_kinks_per_unit, max_vertex_kinks, rounds) -> KKTResidual:
+    from . import clarke
     L = problem.order
     c_all = constraints(problem, params)
     q_min = jnp.min(c_all)
