@@ -284,16 +284,23 @@ class ClarkeSolution(NamedTuple):
     iterations: jax.Array
 
 
-def one_hidden_residual(problem, flat, unravel, index, d, kink_tol, max_kinks_per_unit: int):
-    """The exact Clarke residual of a one-hidden-layer net (``Kinks.exact``) at the flat
-    parameters ``flat`` (theta~) on the constraints ``index`` (``d`` = c_k(theta~) - 1).
+class Slots(NamedTuple):
+    """One hidden layer's active kinks as QP slots, grouped by hidden unit (W, T)."""
+    H: jax.Array        # rows h_k^lo (derivative lo at every active kink), (m, P)
+    V: jax.Array        # generator of slot (j, t) in unit j's weight column, (W, T, d)
+    owner: jax.Array    # the row of ``index`` each slot belongs to, (W, T)
+    mask: jax.Array     # slot in use, (W, T)
+    n_kinks: jax.Array
+    capped: jax.Array
 
-    Active kinks of a hidden unit beyond ``max_kinks_per_unit`` (the ones with the largest
-    |z| / scale) keep sigma = lo: the result is then still a certificate (an upper bound)
-    and ``capped`` says so."""
+
+def one_hidden_slots(problem, flat, unravel, index, kink_tol, max_kinks_per_unit: int) -> Slots:
+    """The gradients h_k^lo and, per hidden unit, up to ``max_kinks_per_unit`` active kinks
+    (smallest |z| / scale first) times the constraints of their data point: slot (j, t) has
+    generator g = e_k x_n in unit j's weight column (e_k = d c_k / d act at the site), so
+    h_k(sigma) = h_k^lo + sum over k's slots of (sigma - lo) g."""
     model = problem.model
-    kinks = model.kinks
-    lo, hi = kinks.lo, kinks.hi
+    lo = model.kinks.lo
     params = unravel(flat)
     N = problem.X.shape[0]
     X2 = problem.X.reshape(N, -1)
@@ -320,14 +327,34 @@ def one_hidden_residual(problem, flat, unravel, index, d, kink_tol, max_kinks_pe
     owner = jnp.where(mask, owner, 0)
     e_slot = jnp.where(mask, e[owner, jnp.arange(Wn)[:, None, None]], 0.0)
     V = (e_slot[..., None] * X2[site][:, :, None, :]).reshape(Wn, T * rows, dim)
-    owner, mask = owner.reshape(Wn, T * rows), mask.reshape(Wn, T * rows)
+    return Slots(H, V, owner.reshape(Wn, T * rows), mask.reshape(Wn, T * rows), n_kinks, capped)
+
+
+def _scatter_units(u, V, P):
+    """sum_t u_jt V_jt placed in unit j's weight column, as a flat parameter vector."""
+    gW = jnp.einsum("jt,jtd->dj", u, V).ravel()
+    return jnp.concatenate([gW, jnp.zeros(P - gW.shape[0], gW.dtype)])
+
+
+def one_hidden_residual(problem, flat, unravel, index, d, kink_tol, max_kinks_per_unit: int):
+    """The exact Clarke residual of a one-hidden-layer net (``Kinks.exact``) at the flat
+    parameters ``flat`` (theta~) on the constraints ``index`` (``d`` = c_k(theta~) - 1).
+
+    Active kinks of a hidden unit beyond ``max_kinks_per_unit`` (the ones with the largest
+    |z| / scale) keep sigma = lo: the result is then still a certificate (an upper bound)
+    and ``capped`` says so."""
+    kinks = problem.model.kinks
+    lo, hi = kinks.lo, kinks.hi
+    H, V, owner, mask, n_kinks, capped = one_hidden_slots(problem, flat, unravel, index,
+                                                          kink_tol, max_kinks_per_unit)
+    m = index.shape[0]
+    Wn, _, dim = V.shape
     HW = H[:, : dim * Wn].reshape(m, dim, Wn)
     bW = flat[: dim * Wn].reshape(dim, Wn)
     Qll = H @ H.T + d[:, None] * d[None, :]
-    pad = jnp.zeros(flat.shape[0] - dim * Wn, flat.dtype)
 
     def residual(lam, mu):  # theta~ - H^T lam - G^T mu, from the design itself
-        return flat - H.T @ lam - jnp.concatenate([jnp.einsum("jt,jtd->dj", mu, V).ravel(), pad])
+        return flat - H.T @ lam - _scatter_units(mu, V, flat.shape[0])
 
     def rank(lam, mu):
         return jnp.sum(residual(lam, mu) ** 2) + jnp.sum(lam * d) ** 2
@@ -444,3 +471,104 @@ def mlp_bracket(problem, flat, unravel, index, d, kink_tol, max_vertex_kinks: in
     eps = jnp.where(realizable, jnp.linalg.norm(r_theta), jnp.nan)
     eps_lower = jnp.where(converged & ~capped, jnp.linalg.norm(r_theta), jnp.nan)
     return Bracket(eps, eps_lower, lam, n_kinks, capped, converged, H0)
+
+
+# --- the minimum-norm Clarke element (the velocity the flow follows) -------------------
+
+def box_qp(Q, c, ub, max_iter: int = 60):
+    """min 1/2 u^T Q u + c^T u s.t. 0 <= u <= ub (Q positive semidefinite, ub >= 0; entries
+    with ub = 0 are fixed at 0). A primal-dual interior-point method (Mehrotra), jittable
+    and vmappable; the result is projected onto the box, its objective accurate to ~1e-15
+    relative (no active-set refinement)."""
+    n = c.shape[0]
+    dt = c.dtype
+    fixed = ub <= 0
+    ub1 = jnp.where(fixed, 1.0, ub)
+    Q = jnp.where(fixed[:, None] | fixed[None, :], 0.0, Q) + jnp.diag(jnp.where(fixed, 1.0, 0.0))
+    c = jnp.where(fixed, 0.0, c)
+    alpha = jnp.maximum(jnp.max(jnp.abs(jnp.diag(Q))), jnp.finfo(dt).tiny)
+    Q, c = Q / alpha, c / alpha
+
+    def resid(u, z1, z2):
+        return Q @ u + c - z1 + z2
+
+    def step(carry):
+        u, z1, z2, it = carry
+        s1, s2 = u, ub1 - u
+        mu_c = (s1 @ z1 + s2 @ z2) / (2 * n)
+        rd = resid(u, z1, z2)
+        L = jnp.linalg.cholesky(Q + jnp.diag(z1 / s1 + z2 / s2))
+
+        def direction(r1, r2):  # complementarity targets s1 z1 = r1, s2 z2 = r2
+            rhs = -rd + (r1 - s1 * z1) / s1 - (r2 - s2 * z2) / s2
+            du = jax.scipy.linalg.cho_solve((L, True), rhs)
+            dz1 = (r1 - s1 * z1 - z1 * du) / s1
+            dz2 = (r2 - s2 * z2 + z2 * du) / s2
+            return du, dz1, dz2
+
+        def max_step(du, dz1, dz2):
+            pairs = [(s1, du), (s2, -du), (z1, dz1), (z2, dz2)]
+            return jnp.min(jnp.stack([jnp.min(jnp.where(d < 0, -x / jnp.where(d < 0, d, -1.0), 1.0))
+                                      for x, d in pairs] + [jnp.ones((), dt)]))
+
+        du, dz1, dz2 = direction(jnp.zeros(n, dt), jnp.zeros(n, dt))
+        a = max_step(du, dz1, dz2)
+        mu_aff = ((s1 + a * du) @ (z1 + a * dz1) + (s2 - a * du) @ (z2 + a * dz2)) / (2 * n)
+        sigma = (mu_aff / mu_c) ** 3
+        du, dz1, dz2 = direction(sigma * mu_c - du * dz1, sigma * mu_c + du * dz2)
+        a = 0.99 * max_step(du, dz1, dz2)
+        return u + a * du, z1 + a * dz1, z2 + a * dz2, it + 1
+
+    def cond(carry):
+        u, z1, z2, it = carry
+        gap = (u @ z1 + (ub1 - u) @ z2) / (2 * n)
+        return (it < max_iter) & (gap > 1e-16) & jnp.all(jnp.isfinite(u))
+
+    u, _, _, _ = jax.lax.while_loop(cond, step, (0.5 * ub1, jnp.ones(n, dt), jnp.ones(n, dt), 0))
+    return jnp.where(fixed, 0.0, jnp.clip(u, 0.0, ub1))
+
+
+class MinNormElement(NamedTuple):
+    element: object       # the minimum-norm element, a params pytree
+    sigma_lo_gap: jax.Array  # u_jt = w_k (sigma - lo) per slot (W, T)
+    n_kinks: jax.Array
+    capped: jax.Array
+
+
+def min_norm_element(problem, params, weights, kink_tol=KINK_TOL,
+                     max_kinks_per_unit: int = 8) -> MinNormElement:
+    """The minimum-norm element of {sum_k w_k h_k(sigma_k) : sigma_k in [lo, hi] at each
+    active kink of constraint k} for weights w >= 0 on the constraints (``kkt.constraints``
+    order; w = the weights of -grad log L on them gives the velocity the flow follows), at
+    ``params`` itself (no rescaling), for a one-hidden-layer net (``Kinks.exact``), where
+    the Clarke subdifferential of the weighted sum is exactly this set. With u = w (sigma
+    - lo) the problem separates by hidden unit (disjoint weight columns): per unit a
+    box-constrained least squares min ||b_j + V_j^T u_j|| over 0 <= u_j <= (hi - lo) w,
+    solved by ``box_qp`` (vmapped over units). Jittable and vmappable."""
+    kinks = problem.model.kinks
+    if kinks is None or not kinks.exact:
+        raise ValueError(f"min_norm_element needs a one-hidden-layer (leaky) ReLU model "
+                         f"(Kinks.exact); got model {problem.model.name!r}")
+    flat, unravel = _ravel(params)
+    K = _kkt().constraints(problem, params).shape[0]
+    weights = jnp.asarray(weights, flat.dtype)
+    if weights.shape != (K,):
+        raise ValueError(f"weights must have one entry per constraint, shape ({K},); got "
+                         f"shape {weights.shape}")
+    index = jnp.arange(K)
+    sl = one_hidden_slots(problem, flat, unravel, index, jnp.asarray(kink_tol, flat.dtype),
+                          max_kinks_per_unit)
+    b0 = sl.H.T @ weights
+    Wn, _, dim = sl.V.shape
+    bW = b0[: dim * Wn].reshape(dim, Wn)
+    Q = jnp.einsum("jtd,jsd->jts", sl.V, sl.V)
+    c = jnp.einsum("jtd,dj->jt", sl.V, bW)
+    ub = jnp.where(sl.mask, (kinks.hi - kinks.lo) * weights[sl.owner], 0.0)
+    u = jax.vmap(box_qp)(Q, c, ub)
+    return MinNormElement(unravel(b0 + _scatter_units(u, sl.V, flat.shape[0])), u,
+                          sl.n_kinks, sl.capped)
+
+
+def _ravel(params):
+    from jax.flatten_util import ravel_pytree
+    return ravel_pytree(params)
