@@ -265,10 +265,17 @@ def _kkt_residual(problem: Problem, params, max_constraints, selection, kink_tol
         eps, lam, H, capped = jax.lax.cond(n_kinks > 0, with_kinks, without_kinks, None)
         eps_lower = jnp.where(capped, jnp.nan, eps)
     elif selection == "clarke" and kinks is not None and clarke.is_mlp(problem.model):
-        br = clarke.mlp_bracket(problem, flat, unravel, index, d, tol, max_vertex_kinks,
-                                rounds)
-        eps, eps_lower, lam, H, n_kinks = br.eps, br.eps_lower, br.lam, br.H, br.n_kinks
-        capped = br.capped
+        def bracket(_):
+            br = clarke.mlp_bracket(problem, flat, unravel, index, d, tol, max_vertex_kinks,
+                                    rounds)
+            return br.eps, br.eps_lower, br.lam, br.H, br.capped
+
+        def smooth(_):
+            eps, lam, H = _smooth_residual(problem, flat, unravel, index, d)
+            return eps, eps, lam, H, jnp.asarray(False)
+
+        n_kinks = clarke.count_active(problem, unravel(flat), index, tol)
+        eps, eps_lower, lam, H, capped = jax.lax.cond(n_kinks > 0, bracket, smooth, None)
     else:
         eps, lam, H = _smooth_residual(problem, flat, unravel, index, d)
         eps_lower = eps
