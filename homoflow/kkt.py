@@ -9,6 +9,12 @@ subdifferential of constraint k). When theta~ has more constraints than directio
 lambda reach the smallest eps, and they differ in delta; homoflow takes the lambda >= 0 that
 minimizes eps^2 + delta^2 (one non-negative least-squares problem, the delta row appended),
 so an exact KKT point gives eps = delta = 0 and an inexact one a balanced pair.
+
+On (leaky) ReLU networks autodiff's gradient is one element of the Clarke subdifferential,
+rarely the one that closes the KKT system; ``kkt_residual`` minimizes over the Clarke set
+too by default (``selection="clarke"``, ``homoflow.clarke``: exact for one hidden layer, a
+bracket ``eps_lower <= eps`` for deeper MLPs), and reports the kink tolerance and the
+number of active kinks with every eps.
 """
 
 from __future__ import annotations

@@ -80,7 +80,9 @@ def clarke_eps_reference(problem, params, kink_tol=1e-9):
     best = (x_l, x_m)
     for rel in 10.0 ** -np.arange(2, 12):
         y_l, y_m = _polish(Al, Bm, b, own, hi - lo, x_l, x_m, rel)
-        if np.linalg.norm(b - Al @ y_l - Bm @ y_m) < np.linalg.norm(b - Al @ best[0] - Bm @ best[1]):
+        def norm(x_l, x_m):
+            return np.linalg.norm(b - Al @ x_l - Bm @ x_m)
+        if norm(y_l, y_m) < norm(*best):
             best = (y_l, y_m)
     x_l, x_m = best
     r = b - Al @ x_l - Bm @ x_m

@@ -130,7 +130,8 @@ def test_one_hidden_clarke_eps_equals_an_independent_cvxpy_solve_on_40_instances
         r = f(X, y, th, 1e-9)
         for i in range(X.shape[0]):
             prob = Problem(X[i], y[i], model, loss)
-            eps, delta, nk = clarke_eps_reference(prob, (np.asarray(th[0][i]), np.asarray(th[1][i])))
+            eps, delta, nk = clarke_eps_reference(prob, (np.asarray(th[0][i]),
+                                                         np.asarray(th[1][i])))
             assert int(r.n_kinks[i]) == nk
             assert abs(float(r.eps[i]) - eps) <= 1e-8 * max(1.0, eps)
             assert abs(float(r.delta[i]) - delta) <= 1e-8 * max(1.0, eps)
@@ -188,6 +189,7 @@ def test_bad_selection_or_kink_tolerance_raises_naming_the_value():
         kkt.kkt_residual(prob, theta, max_kinks_per_unit=0)
 
 
+@pytest.mark.slow  # ~10 s of compilation; the residual tests cover the shared slot code
 def test_min_norm_clarke_element_equals_a_bounded_least_squares_solve():
     """The minimum-norm element of {sum_n w_n h_n(sigma_n)} (w = softmax(-q), the weights of
     -grad log L for the exponential loss) equals SciPy's BVLS on the dense design
