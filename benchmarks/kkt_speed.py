@@ -1,7 +1,9 @@
 """Time the KKT residual's NNLS on the default problem: homoflow's Gram-form Lawson-Hanson
 (``kkt.nnls_gram``, jitted) against the dense jittable version (``kkt.nnls``) and SciPy's
 ``scipy.optimize.nnls``, on the same instance, measured in the same run; also the whole
-``kkt_residual`` per call. The instance: the (P + 1) x N matrix [H^T; (c - 1)^T] of the
+``kkt_residual`` per call, autodiff's selection against the Clarke residual
+(``selection="clarke"``, the default: IPM + active-set QP over the kinks' Clarke intervals)
+at the default kink tolerance and at a loose one (1e-4) that makes ~100 kinks active. The instance: the (P + 1) x N matrix [H^T; (c - 1)^T] of the
 default problem (two-layer ReLU, width 100, N = 100) after 3000 loss-based iterations.
 
     python benchmarks/kkt_speed.py
@@ -61,16 +63,30 @@ def main() -> int:
         "gram": median_time(lambda: gram(G, g, np.linalg.norm(b))),
         "dense": median_time(lambda: dense(jnp.asarray(A), jnp.asarray(b))),
         "scipy": median_time(lambda: scipy.optimize.nnls(A, b)[0]),
-        "kkt_residual": median_time(lambda: kkt.kkt_columns(prob, theta)["kkt_eps"]),
+        "kkt_residual": median_time(
+            lambda: kkt.kkt_columns(prob, theta, selection="autodiff")["kkt_eps"]),
+        "clarke": median_time(lambda: kkt.kkt_columns(prob, theta)["kkt_eps"]),
+        "clarke_loose": median_time(lambda: kkt.kkt_columns(prob, theta, kink_tol=1e-4)["kkt_eps"]),
     }
+    cl = {tol: {k: float(v) for k, v in kkt.kkt_columns(prob, theta, kink_tol=tol).items()}
+          for tol in (1e-9, 1e-4)}
+    auto_eps = float(kkt.kkt_columns(prob, theta, selection="autodiff")["kkt_eps"])
     print(f"instance: {A.shape[0]} x {A.shape[1]} (P + 1 rows, N columns) on "
           f"{jax.devices()[0].device_kind}")
     for k in ("gram", "dense", "scipy"):
         print(f"  {k:>6} NNLS: {1e3 * times[k]:8.3f} ms  residual {res[k]:.15g}")
-    print(f"  kkt_residual (gradients + Gram NNLS), per call: {1e3 * times['kkt_residual']:.3f} ms")
+    print(f"  kkt_residual autodiff (gradients + Gram NNLS), per call: "
+          f"{1e3 * times['kkt_residual']:.3f} ms, eps {auto_eps:.6g}")
+    for tol, key in ((1e-9, "clarke"), (1e-4, "clarke_loose")):
+        c = cl[tol]
+        print(f"  kkt_residual clarke, kink_tol {tol:g}: {1e3 * times[key]:.3f} ms per call "
+              f"({times[key] / times['kkt_residual']:.1f}x autodiff), "
+              f"{int(c['kkt_n_kinks'])} active kinks, eps {c['kkt_eps']:.6g} "
+              f"(lower {c['kkt_eps_lower']:.6g}), delta {c['kkt_delta']:.3g}")
     print(f"ratios: dense / gram = {times['dense'] / times['gram']:.1f}, "
           f"scipy / gram = {times['scipy'] / times['gram']:.1f}")
-    write_report({"times_s": times, "residuals": res, "shape": list(A.shape)},
+    write_report({"times_s": times, "residuals": res, "shape": list(A.shape),
+                  "clarke": {str(k): v for k, v in cl.items()}, "autodiff_eps": auto_eps},
                  RESULTS / "kkt_speed.json", "kkt_speed.py", sys.argv[1:])
     return 0
 

@@ -9,6 +9,12 @@ subdifferential of constraint k). When theta~ has more constraints than directio
 lambda reach the smallest eps, and they differ in delta; homoflow takes the lambda >= 0 that
 minimizes eps^2 + delta^2 (one non-negative least-squares problem, the delta row appended),
 so an exact KKT point gives eps = delta = 0 and an inexact one a balanced pair.
+
+On (leaky) ReLU networks autodiff's gradient is one element of the Clarke subdifferential,
+rarely the one that closes the KKT system; ``kkt_residual`` minimizes over the Clarke set
+too by default (``selection="clarke"``, ``homoflow.clarke``: exact for one hidden layer, a
+bracket ``eps_lower <= eps`` for deeper MLPs), and reports the kink tolerance and the
+number of active kinks with every eps.
 """
 
 from __future__ import annotations
@@ -112,51 +118,133 @@ def nnls_gram(G: jax.Array, g: jax.Array, b_norm=1.0, tol: float | None = None,
 
 
 class KKTResidual(NamedTuple):
-    eps: jax.Array       # ||theta~ - sum lambda_k h_k||
+    eps: jax.Array       # ||theta~ - sum lambda_k h_k|| (Clarke: upper end of the bracket)
     delta: jax.Array     # sum lambda_k (c_k(theta~) - 1)
     lam: jax.Array       # the multipliers, one per constraint used (N, N (C-1), or the cap)
     index: jax.Array     # which constraints lam belongs to (row-major in (n, j != y_n))
     valid: jax.Array     # False where q_min <= 0 or a used constraint has a zero gradient
     n_zero_grad: jax.Array  # used constraints whose autodiff gradient is exactly zero
+    eps_lower: jax.Array = jnp.nan  # a proven lower bound on the Clarke eps (NaN: none)
+    kink_tol: jax.Array = jnp.nan   # the relative kink tolerance the eps was computed with
+    n_kinks: jax.Array = 0          # active kinks (|z| <= kink_tol * scale) of used points
+    capped: jax.Array = False       # some active kinks exceeded the cap (held at sigma = lo)
 
 
 def constraints(problem: Problem, params) -> jax.Array:
     """The constraint functions of (P) at ``params``: q_n (binary) or s_nj, j != y_n."""
+    return constraints_of(problem, problem.outputs(params))
+
+
+def constraints_of(problem: Problem, out) -> jax.Array:
+    """``constraints`` from the model's outputs ``out`` on ``problem.X``."""
     if not problem.model.multiclass:
-        return problem.margins(params)
-    s, mask = problem.score_gaps(params)
+        return problem.margin_terms_of(out)[0]
+    s, mask = problem.score_gaps_of(out)
     C = s.shape[1]
     # drop the j = y_n entries: keep, per row, the C - 1 others in order
     order = jnp.argsort(mask, axis=1, stable=True)[:, : C - 1]
     return jnp.take_along_axis(s, order, axis=1).ravel()
 
 
-def _constraint_grads(problem: Problem, flat, unravel, index) -> jax.Array:
+def row_constraint(problem: Problem, unravel, n, j, slopes, flat, offsets=None):
+    """Constraint j of data point n (``constraints`` row n * (C - 1) + j; j = 0 binary) at
+    the flat parameters, with the activation derivative ``slopes`` (one array per kinked
+    layer, shaped like one data point's pre-activations; NaN: autodiff's) and ``offsets``
+    added at its sites (``models.Kinks.apply``)."""
+    sub = Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss)
+    sl = tuple(a[None] for a in slopes)
+    off = tuple(jnp.zeros_like(a) for a in sl) if offsets is None else offsets
+    return constraints_of(sub, problem.model.kinks.apply(unravel(flat), sub.X, sl, off))[j]
+
+
+def _constraint_grads(problem: Problem, flat, unravel, index, slopes=None,
+                      cotangents: bool = False, per_row: bool = False):
     """Rows grad c_k(theta) for the constraints ``index``, each from its own data point
-    only (one single-example backward pass per row, whatever N is)."""
+    only (one single-example backward pass per row, whatever N is).
+
+    ``slopes`` (``models.Kinks``: one array per kinked layer, shaped like its
+    pre-activations on X; NaN = autodiff's derivative) sets the activation derivative at
+    each site: then the rows are the gradients with that selection, and with
+    ``cotangents`` also d c_k / d offset at the sites of c_k's data point (one array per
+    kinked layer, shaped (len(index), ...) like one data point's pre-activations). With
+    ``per_row``, ``slopes[l]`` has one entry per row of ``index`` instead of per data point."""
     C = problem.model.n_outputs
-    per_row = 1 if C == 1 else C - 1
-    n, j = index // per_row, index % per_row
+    rows = 1 if C == 1 else C - 1
+    n, j = index // rows, index % rows
+    if slopes is not None and not per_row:
+        slopes = tuple(s[n] for s in slopes)
 
-    def one(n, j):
-        sub = Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss)
-        return jax.grad(lambda z: constraints(sub, unravel(z))[j])(flat)
+    def one(n, j, sl):
+        if slopes is None:
+            sub = Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss)
+            return jax.grad(lambda z: constraints(sub, unravel(z))[j])(flat)
+        off = tuple(jnp.zeros((1,) + a.shape, a.dtype) for a in sl)
+        g, e = jax.grad(lambda z, o: row_constraint(problem, unravel, n, j, sl, z, o),
+                        argnums=(0, 1))(flat, off)
+        return (g, tuple(a[0] for a in e)) if cotangents else g
 
-    return jax.vmap(one)(n, j)
+    return jax.vmap(one)(n, j, slopes)
 
 
-def kkt_residual(problem: Problem, params, max_constraints: int | None = 256) -> KKTResidual:
+SELECTIONS = ("clarke", "autodiff")
+
+
+def _smooth_residual(problem: Problem, flat, unravel, index, d):
+    """(eps, lambda, H) with autodiff's gradients: the NNLS over lambda >= 0 of
+    ||[flat; 0] - [H^T; d^T] lambda|| from its normal equations (``nnls_gram``)."""
+    H = _constraint_grads(problem, flat, unravel, index)        # (m, P): rows h_k
+    G = H @ H.T + d[:, None] * d[None, :]
+    lam = nnls_gram(G, H @ flat, jnp.linalg.norm(flat))
+    return jnp.linalg.norm(flat - H.T @ lam), lam, H
+
+
+def kkt_residual(problem: Problem, params, max_constraints: int | None = 256, *,
+                 selection: str = "clarke", kink_tol=None, max_kinks_per_unit: int = 8,
+                 max_vertex_kinks: int = 4, rounds: int = 4) -> KKTResidual:
     """The best (eps, delta) of Definition C.6 at theta~ = theta / q_min^{1/L} (pure; jit and
     vmap over snapshots). Where q_min <= 0 (not yet separating) the result is flagged
     ``valid = False`` with eps = delta = NaN rather than a number.
 
-    lambda >= 0 minimizes eps^2 + delta^2, a non-negative least-squares problem solved from
-    its K x K normal equations (``nnls_gram``). With more than ``max_constraints``
-    constraints only the smallest ``max_constraints`` enter (lambda = 0 on the rest): the
-    pair is then still a valid certificate of Definition C.6, an upper bound on the best
-    one, and equal to it whenever the best multipliers live on those constraints — which
-    they do late in a run, where lambda_k (c_k - 1) penalizes every far constraint.
+    lambda >= 0 minimizes eps^2 + delta^2. With more than ``max_constraints`` constraints
+    only the smallest ``max_constraints`` enter (lambda = 0 on the rest): the pair is then
+    still a valid certificate of Definition C.6, an upper bound on the best one, and equal
+    to it whenever the best multipliers live on those constraints — which they do late in a
+    run, where lambda_k (c_k - 1) penalizes every far constraint.
+
+    ``selection="autodiff"``: h_k = autodiff's gradient (relu'(0) = 0, leaky relu'(0) = 1),
+    an NNLS solved from its K x K normal equations (``nnls_gram``). On ReLU nets with
+    kinks at theta~ this is only an upper bound that need not fall (DESIGN §6).
+
+    ``selection="clarke"`` (default): h_k ranges over the Clarke subdifferential too
+    (``homoflow.clarke``). A kink is active when |z| <= ``kink_tol`` ||h_n|| ||w_u||
+    (default ``clarke.KINK_TOL`` = 1e-9; the certificates hold at the point with those
+    kinks moved onto 0). One hidden layer (``Kinks.exact``): the exact minimum (a convex
+    QP; eps_lower = eps); a unit's active kinks beyond ``max_kinks_per_unit`` stay at
+    sigma = lo (``capped``; still an upper bound, eps_lower NaN). Deeper MLPs: a bracket,
+    eps a feasible selection (upper bound) and eps_lower a proven lower bound or NaN
+    (``clarke.mlp_bracket``: ``max_vertex_kinks``, ``rounds``). Other kinked models (CNN):
+    exact (autodiff's = Clarke's) where no kink is active, NaN otherwise. Smooth models:
+    Clarke = autodiff, eps_lower = eps.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    from . import clarke
+    kink_tol = clarke.KINK_TOL if kink_tol is None else kink_tol
+    if not isinstance(kink_tol, jax.Array) and not (float(kink_tol) >= 0):
+        raise ValueError(f"kink_tol must be >= 0 (relative), got {kink_tol!r}")
+    for name, v in (("max_kinks_per_unit", max_kinks_per_unit),
+                    ("max_vertex_kinks", max_vertex_kinks), ("rounds", rounds)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v!r}")
+    return _kkt_residual(problem, params, max_constraints, selection, kink_tol,
+                         int(max_kinks_per_unit), int(max_vertex_kinks), int(rounds))
+
+
+# one compiled program per model and shape, for eager callers too (inlined under jit/vmap)
+@partial(jax.jit, static_argnums=(2, 3, 5, 6, 7))
+def _kkt_residual(problem: Problem, params, max_constraints, selection, kink_tol,
+                  max_kinks_per_unit, max_vertex_kinks, rounds) -> KKTResidual:
+    from . import clarke
     L = problem.order
     c_all = constraints(problem, params)
     q_min = jnp.min(c_all)
@@ -166,24 +254,61 @@ def kkt_residual(problem: Problem, params, max_constraints: int | None = 256) ->
     K = c_all.shape[0]
     m = K if max_constraints is None else min(K, int(max_constraints))
     index = jnp.arange(K) if m == K else jax.lax.top_k(-c_all, m)[1]
-    H = _constraint_grads(problem, flat, unravel, index)        # (m, P): rows h_k
     d = c_all[index] * scale ** L - 1.0                           # c_k(theta~) - 1
-    G = H @ H.T + d[:, None] * d[None, :]
-    lam = nnls_gram(G, H @ flat, jnp.linalg.norm(flat))
-    eps = jnp.linalg.norm(flat - H.T @ lam)
+    kinks = problem.model.kinks
+    tol = jnp.asarray(kink_tol, flat.dtype)
+    n_kinks, capped = jnp.asarray(0), jnp.asarray(False)
+    if selection == "clarke" and kinks is not None and kinks.exact:
+        def with_kinks(_):
+            sol = clarke.one_hidden_residual(problem, flat, unravel, index, d, tol,
+                                             max_kinks_per_unit)
+            return sol.eps, sol.lam, sol.H, sol.capped
+
+        def without_kinks(_):  # q_n differentiable at every used point: Clarke = autodiff
+            return _smooth_residual(problem, flat, unravel, index, d) + (jnp.asarray(False),)
+
+        n_kinks = clarke.count_active(problem, unravel(flat), index, tol)
+        eps, lam, H, capped = jax.lax.cond(n_kinks > 0, with_kinks, without_kinks, None)
+        eps_lower = jnp.where(capped, jnp.nan, eps)
+    elif selection == "clarke" and kinks is not None and clarke.is_mlp(problem.model):
+        def bracket(_):
+            br = clarke.mlp_bracket(problem, flat, unravel, index, d, tol, max_vertex_kinks,
+                                    rounds)
+            return br.eps, br.eps_lower, br.lam, br.H, br.capped
+
+        def smooth(_):
+            eps, lam, H = _smooth_residual(problem, flat, unravel, index, d)
+            return eps, eps, lam, H, jnp.asarray(False)
+
+        n_kinks = clarke.count_active(problem, unravel(flat), index, tol)
+        eps, eps_lower, lam, H, capped = jax.lax.cond(n_kinks > 0, bracket, smooth, None)
+    else:
+        eps, lam, H = _smooth_residual(problem, flat, unravel, index, d)
+        eps_lower = eps
+        if selection == "clarke" and kinks is not None:
+            n_kinks = clarke.count_active(problem, unravel(flat), index, tol)
+            eps = jnp.where(n_kinks == 0, eps, jnp.nan)
+            eps_lower = eps
+        elif selection == "autodiff" and kinks is not None:
+            eps_lower = jnp.nan
     delta = jnp.sum(lam * d)
     n_zero = jnp.sum(jnp.all(H == 0.0, axis=1))
     valid = valid & (n_zero == 0)
     nan = jnp.asarray(jnp.nan, flat.dtype)
     return KKTResidual(jnp.where(valid, eps, nan), jnp.where(valid, delta, nan),
-                       jnp.where(valid, lam, nan), index, valid, n_zero)
+                       jnp.where(valid, lam, nan), index, valid, n_zero,
+                       jnp.where(valid, eps_lower, nan), tol, n_kinks, capped)
 
 
-@partial(jax.jit, static_argnames="max_constraints")
-def kkt_columns(problem: Problem, params, max_constraints: int | None = 256) -> dict:
-    """The Trajectory columns ``kkt_eps`` and ``kkt_delta`` (NaN where not valid)."""
-    r = kkt_residual(problem, params, max_constraints)
-    return {"kkt_eps": r.eps, "kkt_delta": r.delta}
+@partial(jax.jit, static_argnames=("max_constraints", "selection"))
+def kkt_columns(problem: Problem, params, max_constraints: int | None = 256,
+                selection: str = "clarke", kink_tol=None) -> dict:
+    """The Trajectory columns ``kkt_eps`` (Clarke: the upper end of the bracket),
+    ``kkt_eps_lower`` (a proven lower bound or NaN), ``kkt_delta``, ``kkt_kink_tol`` and
+    ``kkt_n_kinks`` (NaN where not valid)."""
+    r = kkt_residual(problem, params, max_constraints, selection=selection, kink_tol=kink_tol)
+    return {"kkt_eps": r.eps, "kkt_delta": r.delta, "kkt_eps_lower": r.eps_lower,
+            "kkt_kink_tol": r.kink_tol, "kkt_n_kinks": r.n_kinks}
 
 
 class LemmaC8(NamedTuple):

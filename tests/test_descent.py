@@ -26,7 +26,7 @@ def test_default_loss_based_run_records_only_finite_values(default_run):
     for name, col in c.items():
         if name == "descent_margin":  # defined from t0 on (Appendix E.2)
             col = col[c["step"] >= default_run.meta["t0_step"]]
-        if name in ("kkt_eps", "kkt_delta"):  # flagged NaN exactly while q_min <= 0
+        if name in ("kkt_eps", "kkt_delta", "kkt_eps_lower"):  # NaN exactly while q_min <= 0
             assert np.array_equal(np.isnan(col), c["q_min"] <= 0), name
             col = col[c["q_min"] > 0]
         if name in ("log_T", "log_lr"):  # at step 0: T = 0 (log T = -inf), no step yet
@@ -203,7 +203,7 @@ def test_default_problem_reaches_log_loss_below_minus_1e5_with_finite_records(de
     for name, col in c.items():
         if name == "descent_margin":
             col = col[c["step"] >= t0]
-        if name in ("kkt_eps", "kkt_delta"):  # flagged NaN exactly while q_min <= 0
+        if name in ("kkt_eps", "kkt_delta", "kkt_eps_lower"):  # NaN exactly while q_min <= 0
             assert np.array_equal(np.isnan(col), c["q_min"] <= 0), name
             col = col[c["q_min"] > 0]
         col = col[1:] if name in ("log_T", "log_lr") else col
