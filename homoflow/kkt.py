@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
@@ -462,78 +463,339 @@ def angle(a, b) -> float:
 
 # --- the KKT point a run is heading to ---------------------------------------------------
 
+def _point_of(problem: Problem) -> np.ndarray:
+    """The data point each constraint of ``constraints`` belongs to."""
+    C = problem.model.n_outputs
+    per = 1 if C == 1 else C - 1
+    return np.repeat(np.arange(problem.n), per)
+
+
+def _flat_pre(problem: Problem, params):
+    """Every kink site's pre-activation at ``params``, (N, S) (``models.Kinks``)."""
+    zs = problem.model.kinks.pre(params, problem.X)
+    return jnp.concatenate([z.reshape(problem.n, -1) for z in zs], axis=1)
+
+
+def _slopes_of(problem: Problem, params, flat):
+    """The per-layer slope arrays from a flat (N, S) array (NaN: autodiff's)."""
+    zs = jax.eval_shape(problem.model.kinks.pre, params, problem.X)
+    out, i = [], 0
+    for z in zs:
+        size = math.prod(z.shape[1:])
+        out.append(flat[:, i:i + size].reshape(z.shape))
+        i += size
+    return tuple(out)
+
+
+@jax.jit
+def _piece_jacobians(problem: Problem, params, slope):
+    """At ``params``, with the activation derivative set to ``slope`` (N, S) at the kink
+    sites where it is finite (autodiff's elsewhere): every constraint c_k, its gradient h_k
+    (rows, (K, P)), every site's pre-activation z (N, S), and e (K, S): d c_k / d
+    (activation output at the sites of c_k's data point)."""
+    kinks = problem.model.kinks
+    flat, unravel = ravel_pytree(params)
+    slopes = _slopes_of(problem, params, slope)
+    point = jnp.asarray(_point_of(problem))
+    C = problem.model.n_outputs
+
+    def one(k):
+        n = point[k]
+        sub = Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss)
+        j = 0 if C == 1 else k - n * (C - 1)
+
+        def c_k(z, off):
+            offs = _slopes_of(sub, params, off)
+            out = kinks.apply(unravel(z), sub.X, tuple(s[n][None] for s in slopes), offs)
+            if C == 1:
+                return (sub.y * out)[0]
+            s, mask = sub.score_gaps_of(out)
+            order = jnp.argsort(mask, axis=1, stable=True)[:, : C - 1]
+            return jnp.take_along_axis(s, order, axis=1).ravel()[j]
+
+        S = slope.shape[1]
+        return jax.grad(c_k, argnums=(0, 1))(flat, jnp.zeros((1, S), flat.dtype))
+
+    H, E = jax.vmap(one)(jnp.arange(point.shape[0]))
+    return constraints(problem, params), H, _flat_pre(problem, params), E[:, 0, :]
+
+
+@jax.jit
+def _site_gradients(problem: Problem, params, n, s):
+    """Rows grad z_(n, s) of the pre-activations at the sites (n, s) (vectors)."""
+    flat, unravel = ravel_pytree(params)
+
+    def one(n, s):
+        return jax.grad(lambda z: _flat_pre(
+            Problem(problem.X[n][None], problem.y[n][None], problem.model, problem.loss),
+            unravel(z))[0, s])(flat)
+
+    return jax.vmap(one)(n, s)
+
+
+import os
+_DEBUG = bool(os.environ.get("HOMOFLOW_DEBUG"))
+
+
+def _bucket(k: int) -> int:
+    """Pad counts to powers of two, so that a few compiled shapes serve every call."""
+    return 1 << max(3, int(k - 1).bit_length())
+
+
+_margins_batch = jax.jit(jax.vmap(constraints, (None, 0)))
+
+
+_margins_batch = jax.jit(jax.vmap(constraints, (None, 0)))
+
+
+def _line_search(problem: Problem, unravel, x, target, Z, L, crossings: int = 48,
+                 halvings: int = 40):
+    """The best normalized margin along x + a (target - x): a on a halving sequence 1, 1/2,
+    ... and, on kinked models, at the first ``crossings`` points where a kink's
+    pre-activation changes sign (where the margin's piece changes: exact for a first dense
+    layer, whose pre-activations are linear along the segment). Returns (the point
+    rescaled to q_min = 1, its margin, its constraints, a)."""
+    alphas = [0.5 ** k for k in range(halvings)]
+    if Z is not None:
+        Z_t = np.asarray(_flat_pre(problem, unravel(jnp.asarray(target))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = Z / (Z - Z_t)
+        t = np.sort(t[(Z * Z_t < 0) & (t > 0) & (t < 1)])[:crossings]
+        alphas = alphas + list(t) + [1.0] * (crossings - len(t))
+    a = np.asarray(alphas)
+    pts = x[None, :] + a[:, None] * (target - x)[None, :]
+    c = np.asarray(_margins_batch(problem, jax.vmap(unravel)(jnp.asarray(pts))))
+    q = c.min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(q > 0, q / np.linalg.norm(pts, axis=1) ** L, -np.inf)
+    k = int(np.argmax(m))
+    if not np.isfinite(m[k]):
+        return None, -np.inf, None, 0.0
+    return pts[k] * q[k] ** (-1.0 / L), float(m[k]), c[k] / q[k], float(a[k])
+
+
+def _lagrangian_curvature(problem: Problem, params, lam, slope):
+    """B = I - sum_k lam_k Hess c_k, the Hessian of (P)'s Lagrangian on the piece (the
+    activation derivative ``slope`` where finite); None for lam = None (the first step)."""
+    if lam is None or not np.any(lam > 0):
+        return None
+    slope = jnp.zeros((problem.n, 0)) if slope is None else jnp.asarray(slope)
+    B = np.eye(ravel_pytree(params)[0].size) - np.asarray(_lagrangian_hessian(
+        problem, params, jnp.asarray(lam), jnp.arange(lam.size), slope))
+    return 0.5 * (B + B.T)
+
+
+def _curved_least_distance(A, rhs, x, B, active=None):
+    """min_d d^T B d / 2 + <x, d> s.t. A (x + d) >= rhs (B None: B = I) as a least-distance
+    program. B need only be positive definite on the null space of the rows ``active``
+    (bool; those expected to hold with equality, e.g. the last multipliers' support), as
+    at a strict local solution: then B + rho sum_active a a^T is positive definite for a
+    large rho, and adding rho (a.d - r)^2 / 2 changes no step that keeps them equalities
+    (an augmented Lagrangian; where a row turns inactive it is only a regularization). If
+    no rho up to 1e6 |B| gives a Cholesky factor, B is shifted by kappa I. Returns
+    (x + d, the multipliers)."""
+    if B is None:
+        return least_distance(A, rhs)
+    g = x.copy()
+    Bp = B
+    if active is not None and np.any(active):
+        Aa, ra = A[active], rhs[active] - A[active] @ x
+        AtA = Aa.T @ Aa
+        scale = np.abs(B).max() / max(np.abs(AtA).max(), 1e-300)
+        for rho in scale * 10.0 ** np.arange(0, 7):
+            try:
+                R = np.linalg.cholesky(B + rho * AtA).T
+                Bp, g = B + rho * AtA, x - rho * Aa.T @ ra
+                break
+            except np.linalg.LinAlgError:
+                R = None
+    else:
+        R = None
+    if R is None:
+        low = float(scipy.linalg.eigh(Bp, eigvals_only=True, subset_by_index=[0, 0])[0])
+        try:
+            R = np.linalg.cholesky(Bp + max(0.0, 1e-3 - low) * np.eye(B.shape[0])).T
+        except np.linalg.LinAlgError:
+            return least_distance(A, rhs)
+    AR = scipy.linalg.solve_triangular(R, A.T, trans="T").T          # A R^{-1}
+    Rg = scipy.linalg.solve_triangular(R, g, trans="T")               # R^{-T} g
+    v, alpha = least_distance(AR, rhs - A @ x + AR @ Rg)
+    return x + scipy.linalg.solve_triangular(R, v - Rg), alpha
+
+
 class Polished(NamedTuple):
     params: object            # a feasible point of (P) (q_min = 1), the polished KKT point
     normalized_margin: float  # its gamma_bar = q_min / rho^L
     start_margin: float       # gamma_bar of the direction it started from
     distance: float           # angle (radians) between the start direction and the polished one
-    eps: float                # its KKT residual (Definition C.6) ...
-    delta: float
+    eps: float                # its KKT residual (Definition C.6; ``kkt_residual``'s default
+    delta: float              # selection, the Clarke set on kinked models) ...
     multipliers: np.ndarray   # ... and multipliers, on the constraints ``index``
     index: np.ndarray
     n_active: int             # constraints with multiplier > 1e-8 max
     success: bool
     message: str
+    n_kinks: int = 0          # kink sites the polished point sits on (|z| <= 1e-12 scale)
+    selection: np.ndarray | None = None  # sigma at the kinks under a side constraint
 
 
 def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 100,
-               rtol: float = 1e-13) -> Polished:
+               rtol: float = 1e-13, curvature: bool = False) -> Polished:
     """Solve (P) locally from a late direction, to find the KKT point the run is heading to.
 
-    Sequential linearization (an SQP whose QP keeps the objective's exact Hessian I and
-    drops the constraints' curvature): from a feasible theta (q_min = 1; first
-    theta~ = theta / q_min^{1/L}), solve the least-distance program
-    min ||theta'|| s.t. c_k(theta) + <h_k, theta' - theta> >= 1 over the constraints with
-    c_k <= (1 + ``slack``) q_min (``least_distance``, i.e. SciPy's NNLS), then move toward
-    theta' with a backtracking line search that accepts only a larger normalized margin
-    q_min / rho^L after rescaling to q_min = 1 — so every iterate is feasible and the
-    margin never decreases. Stops when a full step gains less than ``rtol`` (relative) or
-    after ``max_iter`` steps. A fixed point is a KKT point of (P) (the subproblem's
-    multipliers are then (P)'s); its residual is reported from ``kkt_residual``. Gradients
-    are the autodiff selection, so at ReLU kinks read ``eps`` before trusting the point."""
+    Sequential quadratic programming: from a feasible theta (q_min = 1; first
+    theta~ = theta / q_min^{1/L}), solve min <theta, d> + d^T B d / 2 s.t.
+    c_k(theta) + <h_k, d> >= 1 over the constraints with c_k <= (1 + ``slack``) q_min, B the
+    Hessian of (P)'s Lagrangian ||theta||^2 / 2 - sum lam_k (c_k - 1) at the last
+    multipliers (shifted until positive definite; B = I at the first step), as a
+    least-distance program (``least_distance``, SciPy's NNLS); then take the step a in
+    (0, 1] along d that gives the largest normalized margin q_min / rho^L after rescaling
+    to q_min = 1 — so every iterate is feasible and the margin never decreases. Stops when
+    a full step gains less than ``rtol`` (relative) or no step gains, or after ``max_iter``.
+
+    Kinks (models with ``Model.kinks``) make the constraints piecewise smooth, and a
+    linearization with autodiff's gradient cannot move along them. The SQP works on pieces
+    (DESIGN §6): every kink of a working constraint's data point that the step would cross
+    gets a side constraint s (z + <grad z, d>) >= 0 (s: its current side), with the
+    constraints' gradients taken with that side's derivative (hi for s = +1, lo for
+    s = -1), so a step stops on the kink instead of crossing it. The side constraint's
+    multiplier nu says which Clarke derivative the KKT system needs at a kink the step
+    reaches: sigma = sigma_s + s nu / (sum_k lam_k e_k) over the constraints k of its data
+    point (e_k: the constraint's cotangent there). Where sigma leaves [lo, hi] the kink
+    switches side (the worst one per unit first) and the subproblem is solved again. At
+    a fixed point every kink on which the point sits has sigma in [lo, hi], so theta is an
+    exact Clarke-KKT point of (P): the subproblem's multipliers are (P)'s. Its residual
+    is reported from ``kkt_residual`` (the Clarke set on kinked models)."""
     L = problem.order
     c0 = np.asarray(constraints(problem, params))
     if not c0.min() > 0:
         raise ValueError(f"polish_kkt needs a separating direction (q_min > 0); got q_min = "
                          f"{c0.min():.6g}")
     flat0, unravel = ravel_pytree(params)
+    kinks = problem.model.kinks
+    point = _point_of(problem)
 
-    def feasible(z):  # rescaled to q_min = 1: (point, its normalized margin, its constraints)
-        c = np.asarray(_constraints_at(problem, unravel(jnp.asarray(z))))
-        q = float(c.min())
-        if not q > 0:
-            return None, -np.inf, None
-        return z * q ** (-1.0 / L), float(np.linalg.norm(z * q ** (-1.0 / L))) ** (-L), c / q
+    def site_rows(x, sites):
+        k = len(sites)
+        pad = np.zeros((_bucket(k), 2), np.int64)
+        pad[:k] = sites
+        rows = _site_gradients(problem, unravel(jnp.asarray(x)), jnp.asarray(pad[:, 0]),
+                               jnp.asarray(pad[:, 1]))
+        return np.asarray(rows)[:k]
 
-    x, margin, c = feasible(np.asarray(flat0, np.float64))
+    x = np.asarray(flat0, np.float64) * c0.min() ** (-1.0 / L)
+    margin = float(np.linalg.norm(x)) ** (-L)
+    c = c0 / c0.min()
     start_margin, converged, it = margin, False, 0
     message = f"stopped after max_iter = {max_iter} steps"
+    lam_prev, side, sigma, slope_prev = None, None, np.zeros(0), None
     for it in range(1, max_iter + 1):
         S = np.nonzero(c <= (1.0 + slack) * c.min())[0]
-        J = np.asarray(_grads_at(problem, unravel(jnp.asarray(x)), jnp.asarray(S)))
-        target, _ = least_distance(J, 1.0 - c[S] + J @ x)
-        alpha, gained = 1.0, False
-        while alpha > 1e-10:
-            z, m, c_z = feasible(x + alpha * (target - x))
-            if m > margin:
-                gained = True
-                break
-            alpha *= 0.5
-        if not gained:
+        theta = unravel(jnp.asarray(x))
+        B = _lagrangian_curvature(problem, theta, lam_prev, slope_prev) if curvature else None
+        if kinks is None:
+            J = np.asarray(_grads_at(problem, theta, jnp.asarray(S)))
+            rows, rhs = J, 1.0 - c[S] + J @ x
+            active = lam_prev[S] > 0 if lam_prev is not None else None
+            target, alpha = _curved_least_distance(rows, rhs, x, B, active)
+            lam_prev = np.zeros(c.shape[0])
+            lam_prev[S] = alpha
+            Z = None
+        else:
+            Z = np.asarray(_flat_pre(problem, theta))
+            working = np.isin(np.arange(problem.n), point[S])[:, None]
+            # side: +-1 for the kinks under a side constraint, 0 elsewhere; kept from the last
+            # step where the point still sits on the kink, else its current side
+            at = np.abs(Z) <= 1e-9 * np.abs(Z).max(axis=1, keepdims=True)
+            side = np.where(at & (side != 0), side, 0) if side is not None else np.zeros(Z.shape)
+            for inner in range(2 * problem.n):
+                slope = np.where(side > 0, kinks.hi, np.where(side < 0, kinks.lo, np.nan))
+                slope = np.where(at | (side != 0), slope, np.nan)
+                slope = np.where(at & (side == 0), kinks.lo, slope)
+                c, H, Z, E = (np.asarray(a) for a in _piece_jacobians(
+                    problem, theta, jnp.asarray(slope)))
+                sites = np.argwhere(side != 0)
+                rows, rhs = H[S], 1.0 - c[S] + H[S] @ x
+                if len(sites):
+                    s_k = side[sites[:, 0], sites[:, 1]]
+                    Gz = s_k[:, None] * site_rows(x, sites)
+                    rows = np.vstack([rows, Gz])
+                    rhs = np.concatenate([rhs, Gz @ x - s_k * Z[sites[:, 0], sites[:, 1]]])
+                # expected equalities: the last step's active constraints, the kinks on which
+                # the point sits
+                active = np.zeros(rows.shape[0], bool)
+                if lam_prev is not None:
+                    active[:len(S)] = lam_prev[S] > 0
+                if len(sites):
+                    active[len(S):] = at[sites[:, 0], sites[:, 1]]
+                target, alpha = _curved_least_distance(rows, rhs, x, B, active)
+                lam = alpha[:len(S)]
+                lam_prev = np.zeros(c.shape[0])
+                lam_prev[S] = lam
+                flip = np.zeros(0, bool)
+                if len(sites):
+                    # sigma = sigma_s + s nu / (sum_k lam_k e_k) must lie in [lo, hi]
+                    nu = alpha[len(S):]
+                    le = np.array([np.sum(lam[point[S] == n] * E[S[point[S] == n], s_])
+                                   for n, s_ in sites])
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        sig = np.where(s_k > 0, kinks.hi, kinks.lo) + s_k * nu / le
+                    width = kinks.hi - kinks.lo
+                    out = np.where(nu > 1e-12 * max(np.abs(alpha).max(), 1e-300),
+                                   np.maximum(kinks.lo - sig, sig - kinks.hi) / width, -1.0)
+                    out = np.where(np.isfinite(out), out, np.inf * (nu > 0))
+                    sigma = sig
+                    worst = np.full(side.shape[1], -np.inf)
+                    # only a kink the point sits on changes side; one it is moving to is
+                    # reached first (the step stops on it), and decided there
+                    out = np.where(at[sites[:, 0], sites[:, 1]], out, -1.0)
+                    np.maximum.at(worst, sites[:, 1], out)
+                    flip = (out > 1e-9) & (out >= worst[sites[:, 1]])
+                Z_t = np.asarray(_flat_pre(problem, unravel(jnp.asarray(target))))
+                cross = (Z * Z_t < 0) & (side == 0) & working
+                if _DEBUG:
+                    print(f"  inner {inner}: sides {len(sites)} flips {int(flip.sum())} "
+                          f"cross {int(cross.sum())}", flush=True)
+                if flip.any():
+                    side[sites[flip, 0], sites[flip, 1]] *= -1
+                elif cross.any():
+                    side = np.where(cross, np.sign(Z), side)
+                else:
+                    break
+        slope_prev = None if Z is None else slope
+        z, m, c_z, step = _line_search(problem, unravel, x, target, Z, L)
+        if step < 1.0:
+            # second-order correction (the Maratos effect: the constraints' curvature makes
+            # the full step fall short of the margin): shift each working constraint by its
+            # linearization's error at the full step and solve once more
+            c_t = np.asarray(_constraints_at(problem, unravel(jnp.asarray(target))))[S]
+            error = np.zeros(rows.shape[0])
+            error[:len(S)] = c_t - (c[S] + rows[:len(S)] @ (target - x))
+            target2, _ = _curved_least_distance(rows, rhs - error, x, B, active)
+            z2, m2, c_z2, step2 = _line_search(problem, unravel, x, target2, Z, L)
+            if m2 > m:
+                z, m, c_z, step = z2, m2, c_z2, step2
+        if _DEBUG:
+            print(f"polish {it}: margin {m:.15g} step {step:.3g} sides "
+                  f"{0 if side is None else int(np.sum(side != 0))} S {len(S)}", flush=True)
+        if not m > margin:
             converged = True
             message = "converged: no step along the linearized solution raises the margin"
             break
         x, c, margin, old = z, c_z, m, margin
-        if m - old <= rtol * m and alpha == 1.0:
+        if m - old <= rtol * m and step == 1.0:
             converged = True
             message = f"converged: a full step gained {m / old - 1:.2g} (relative) < rtol"
             break
     theta = unravel(jnp.asarray(x))
     r = kkt_residual(problem, theta)
     lam = np.asarray(r.lam)
+    on = 0 if Z is None else int(np.sum(np.abs(Z) <= 1e-12 * np.abs(Z).max(axis=1,
+                                                                          keepdims=True)))
     return Polished(theta, margin, start_margin, angle(np.asarray(flat0), x), float(r.eps),
                     float(r.delta), lam, np.asarray(r.index),
-                    int(np.sum(lam > 1e-8 * np.nanmax(lam))), converged, f"{message} ({it} steps)")
+                    int(np.sum(lam > 1e-8 * np.nanmax(lam))), converged, f"{message} ({it} steps)",
+                    on, sigma)
 
 
 # --- convergence report -------------------------------------------------------------------
@@ -600,22 +862,69 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
     }
     last = np.nansum(path[log10_log_T > top - 1])
     before = np.nansum(path[(log10_log_T > top - 2) & (log10_log_T <= top - 1)])
-    if dirs is None:
-        verdict = "unknown: the trajectory has no snapshots, so theta^'s path is not known"
-    elif before == 0:
-        verdict = (f"unknown: no saved motion of theta^ in the decade before the last "
-                   f"(last decade: {last:.3g}); run longer or save more points")
-    elif last < 0.5 * before:
-        verdict = (f"converging: theta^ moved {last:.3g} over the last decade of log T, "
-                   f"{last / before:.2g} times the {before:.3g} of the decade before")
-    else:
-        verdict = (f"not converged: theta^ moved {last:.3g} over the last decade of log T, "
-                   f"{last / before:.2g} times the {before:.3g} of the decade before (a "
-                   f"converging direction's path shrinks geometrically per decade); no limit "
-                   f"direction is claimed")
+    verdict = _verdict(log10_log_T, eps, gamma, dirs, polished, last, before)
     return {"rows": rows, "polished": polished, "path_last_decade": float(last),
             "path_previous_decade": float(before), "verdict": verdict,
             "max_normalized_margin_seen": float(np.nanmax(gamma))}
+
+
+def _decade_trend(v, log10_log_T):
+    """(median over the last decade of log T, median over the decade before) of ``v``."""
+    top = log10_log_T[-1]
+    last = v[(log10_log_T > top - 1) & np.isfinite(v)]
+    prev = v[(log10_log_T > top - 2) & (log10_log_T <= top - 1) & np.isfinite(v)]
+    med = lambda a: float(np.median(a)) if a.size else math.nan
+    return med(last), med(prev)
+
+
+def _verdict(log10_log_T, eps, gamma, dirs, polished, path_last, path_before) -> str:
+    """The convergence verdict from the certificates, with its evidence.
+
+    A direction converging like 1/log t moves less every decade, but its path per decade
+    shrinks only by the ratio of the decades' logs, so a verdict read off the path alone
+    flips on slow runs (a depth-2 diagonal net was "converging" at log t = 10^4 and "not
+    converged" at 10^8 on the same run). With a polished KKT point the verdict reads the
+    certificates instead: the angle to that point and the margin gap must shrink from the
+    decade before to the last one (each median), and the KKT residual eps must not grow;
+    "converged" when the last direction is within 1e-6 rad of the polished point, whose
+    residual is below 1e-8. Without a polished point it falls back on the path: converging
+    when the path over the last decade is at most half the one before and eps does not
+    grow (the Mexican hat of Appendix I moves 0.95 times as much per decade: not
+    converged)."""
+    eps_last, eps_prev = _decade_trend(eps, log10_log_T)
+    eps_ok = not (eps_last > eps_prev * (1 + 1e-6))  # NaN (unknown) does not count against
+    eps_text = f"eps {eps_prev:.3g} -> {eps_last:.3g}"
+    if dirs is None:
+        return "unknown: the trajectory has no snapshots, so theta^'s path is not known"
+    if polished is not None:
+        p = np.asarray(ravel_pytree(polished.params)[0])
+        p = p / np.linalg.norm(p)
+        ang = 2 * np.arctan2(np.linalg.norm(dirs - p, axis=1), np.linalg.norm(dirs + p, axis=1))
+        gap = (polished.normalized_margin - gamma) / polished.normalized_margin
+        ang_last, ang_prev = _decade_trend(ang, log10_log_T)
+        gap_last, gap_prev = _decade_trend(gap, log10_log_T)
+        evidence = (f"angle to the polished KKT point {ang_prev:.3g} -> {ang_last:.3g} rad, "
+                    f"relative margin gap {gap_prev:.3g} -> {gap_last:.3g}, {eps_text} "
+                    f"(medians, decade before -> last decade of log T); polished point eps "
+                    f"{polished.eps:.3g}")
+        if ang[-1] <= 1e-6 and polished.eps <= 1e-8:
+            return f"converged: the last direction is {ang[-1]:.2g} rad from the polished KKT point; {evidence}"
+        if ang_last < ang_prev and not gap_last > gap_prev and eps_ok:
+            return f"converging: {evidence}"
+        if np.isfinite(ang_prev):
+            return (f"not converged: {evidence}; a converging direction approaches the KKT "
+                    f"point it is heading to")
+    if path_before == 0:
+        return (f"unknown: no saved motion of theta^ in the decade before the last "
+                f"(last decade: {path_last:.3g}); run longer or save more points")
+    ratio = path_last / path_before
+    if ratio < 0.5 and eps_ok:
+        return (f"converging: theta^ moved {path_last:.3g} over the last decade of log T, "
+                f"{ratio:.2g} times the {path_before:.3g} of the decade before; {eps_text}")
+    return (f"not converged: theta^ moved {path_last:.3g} over the last decade of log T, "
+            f"{ratio:.2g} times the {path_before:.3g} of the decade before (a converging "
+            f"direction's path shrinks geometrically per decade); {eps_text}; no limit "
+            f"direction is claimed")
 
 
 def format_report(report: dict, max_rows: int = 12) -> str:
@@ -817,3 +1126,211 @@ def norm_kkt_residual(Gmat, w, norm=2.0, tol: float = 1e-9) -> NormKKT:
     lam, mu = res.x[:K], res.x[K:K + P]
     s = S @ mu
     return NormKKT(float(np.abs(s - Gmat.T @ lam).sum()), float(lam @ d), lam)
+
+
+# --- is the KKT point a local maximum of the margin? --------------------------------------
+
+class LocalOptimality(NamedTuple):
+    verdict: str              # "local maximum (second order)", "not a local maximum", "inconclusive"
+    reason: str
+    min_curvature: float      # smallest eigenvalue of the Lagrangian's reduced Hessian (piece)
+    escape: object            # params pytree: the escape direction (None unless escaping)
+    step: float               # the step along it that was taken (in units of ||theta||)
+    gain: float               # relative gain in gamma_bar after the step and a re-polish
+    escaped: object           # the re-polished point (None unless escaping)
+
+
+@jax.jit
+def _lagrangian_hessian(problem: Problem, params, lam, index, slope):
+    """The Hessian of sum_k lam_k c_k (constraints ``index``) at ``params``, with the
+    activation derivative ``slope`` (N, S) where finite (a smooth piece of the
+    constraints)."""
+    flat, unravel = ravel_pytree(params)
+    kinks = problem.model.kinks
+
+    def total(z):
+        p = unravel(z)
+        if kinks is None:
+            c = constraints(problem, p)
+        else:
+            slopes = _slopes_of(problem, p, slope)
+            out = kinks.apply(p, problem.X, slopes, (0.0,) * kinks.layers)
+            c = _constraints_of_outputs(problem, out)
+        return jnp.sum(lam * c[index])
+
+    return jax.hessian(total)(flat)
+
+
+def _constraints_of_outputs(problem: Problem, out):
+    """``constraints`` from the model's outputs on X."""
+    if not problem.model.multiclass:
+        return problem.y * out
+    s, mask = problem.score_gaps_of(out)
+    C = s.shape[1]
+    order = jnp.argsort(mask, axis=1, stable=True)[:, : C - 1]
+    return jnp.take_along_axis(s, order, axis=1).ravel()
+
+
+def _dead_unit_gain(X, y, lam, rng, starts: int = 64, iters: int = 300):
+    """max over unit u and s = +-1 of s sum_n lam_n y_n relu(u . x_n): a new unit a relu(w . x)
+    of size r (|a| = |w| = r) raises the Lagrangian sum_n lam_n q_n by r^2 times this and
+    the squared norm by 2 r^2, so above 1 the second-order condition fails along it (a
+    heuristic ascent from many starts; a value it finds is attained, so it is a certificate
+    once the step is verified on the margin itself)."""
+    c = lam * y
+    best, best_u, best_s = -np.inf, None, 1.0
+    d = X.shape[1]
+    U = rng.normal(size=(starts, d))
+    U = np.vstack([U, X, -X])
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    for s in (1.0, -1.0):
+        V = U.copy()
+        for _ in range(iters):
+            act = (V @ X.T > 0)
+            g = s * (act * c[None, :]) @ X
+            V = V + 0.1 * (g - np.sum(g * V, axis=1, keepdims=True) * V)
+            V /= np.linalg.norm(V, axis=1, keepdims=True)
+        vals = s * np.maximum(V @ X.T, 0.0) @ c
+        i = int(np.argmax(vals))
+        if vals[i] > best:
+            best, best_u, best_s = float(vals[i]), V[i], s
+    return best, best_u, best_s
+
+
+def local_optimality(problem: Problem, params, *, dead_tol: float = 1e-6,
+                     curvature_tol: float = 1e-8, seed: int = 0) -> LocalOptimality:
+    """Is the KKT point ``params`` (e.g. ``polish_kkt``'s) a local maximum of the
+    normalized margin? (Beyond the paper: Vardi, Shamir & Srebro, NeurIPS 2022, show that
+    gradient flow on ReLU nets can converge to KKT points of (P) that are not local optima.)
+
+    1. Escape probe for dead units (one-hidden-layer (leaky) ReLU MLPs): a unit whose
+       weights are below ``dead_tol`` ||theta|| contributes nothing at first order, and
+       regrowing it as a relu(w . x) with |a| = |w| = r changes the Lagrangian
+       sum_n lam_n q_n - ||theta||^2 / 2 by r^2 (s sum_n lam_n y_n relu(u . x_n) - 1)
+       (``_dead_unit_gain``; lam: the KKT multipliers at q_min = 1). Above 0 the
+       second-order necessary condition fails: the unit is regrown at the step r that gives
+       steps 0.03, 0.1 and 0.3 ||theta|| and re-polished (``polish_kkt``); the verdict is
+       "not a local maximum" only when that gives a strictly larger gamma_bar, and
+       ``escaped`` is that point.
+    2. Second-order test on the smooth piece: the Hessian of the Lagrangian
+       ||theta||^2 / 2 - sum_n lam_n (q_n - 1) (with the derivative lo at the kinks the
+       point sits on, the piece's) restricted to the directions that keep every constraint
+       with lam_n > 0 and every kink at first order. Positive definite there (above
+       ``curvature_tol``) and no dead-unit escape: "local maximum (second order)", the
+       second-order sufficient condition on that piece; directions leaving the piece (off a
+       kink) are first-order and covered by the KKT multipliers being strictly inside
+       their bounds, which the reason reports. A negative eigenvalue on the subspace of
+       all active constraints: "not a local maximum" after the same verification.
+    Otherwise "inconclusive", with the reason."""
+    L = problem.order
+    c = np.asarray(constraints(problem, params))
+    if not c.min() > 0:
+        raise ValueError(f"local_optimality needs a separating point (q_min > 0); got q_min "
+                         f"= {c.min():.6g}")
+    flat, unravel = ravel_pytree(params)
+    flat = np.asarray(flat) * c.min() ** (-1.0 / L)
+    theta = unravel(jnp.asarray(flat))
+    c = c / c.min()
+    gamma = float(np.linalg.norm(flat)) ** (-L)
+    r = kkt_residual(problem, theta)
+    lam_used, index = np.asarray(r.lam), np.asarray(r.index)
+    lam = np.zeros(c.shape[0])
+    lam[index] = lam_used
+    if not (np.isfinite(r.eps) and r.eps <= 1e-6 * np.linalg.norm(flat)):
+        return LocalOptimality("inconclusive", f"not a KKT point: eps = {float(r.eps):.3g} "
+                               f"(polish it first)", math.nan, None, math.nan, math.nan, None)
+    kinks = problem.model.kinks
+
+    def verify(direction, reason, curvature):
+        """Step along ``direction`` (flat) and re-polish: the escape is verified when the
+        re-polished margin is strictly larger (the gain is of second order, so the step
+        itself may lower gamma_bar before the polish rebalances the other weights)."""
+        best, best_step, best_pol = gamma, math.nan, None
+        for step in (0.03, 0.1, 0.3):
+            z = flat + step * np.linalg.norm(flat) * direction / np.linalg.norm(direction)
+            if not np.min(np.asarray(_constraints_at(problem, unravel(jnp.asarray(z))))) > 0:
+                continue
+            pol = polish_kkt(problem, unravel(jnp.asarray(z)))
+            if pol.normalized_margin > best:
+                best, best_step, best_pol = pol.normalized_margin, step, pol
+        if not best > gamma * (1 + 1e-9):
+            return None
+        return LocalOptimality("not a local maximum", reason, curvature,
+                               unravel(jnp.asarray(direction)), best_step, best / gamma - 1,
+                               best_pol)
+
+    reasons = []
+    # 1. dead units of a one-hidden-layer MLP
+    if kinks is not None and kinks.exact and not problem.model.multiclass:
+        W, a = (np.asarray(g) for g in theta[:2])
+        a = a.reshape(W.shape[1], -1)[:, 0]
+        size = np.sqrt(np.sum(W * W, axis=0) + a * a)
+        dead = np.nonzero(size <= dead_tol * np.linalg.norm(flat))[0]
+        if dead.size:
+            X = np.asarray(problem.X).reshape(problem.n, -1)
+            value, u, s = _dead_unit_gain(X, np.asarray(problem.y), lam,
+                                          np.random.default_rng(seed))
+            if value > 1.0 + 1e-9:
+                j = dead[0]
+                dW, da = np.zeros_like(W), np.zeros_like(a)
+                dW[:, j], da[j] = u, s
+                direction = np.asarray(ravel_pytree((jnp.asarray(dW),
+                                                     jnp.asarray(da.reshape(-1, 1))) +
+                                                    tuple(jnp.zeros_like(g) for g in theta[2:]))[0])
+                out = verify(direction, f"dead unit {j} regrown along u with sign {s:+g}: "
+                             f"s sum lam_n y_n relu(u . x_n) = {value:.6g} > 1", math.nan)
+                if out is not None:
+                    return out
+                reasons.append(f"dead unit {j} has gain {value:.4g} > 1 but the step did not "
+                               f"raise gamma_bar")
+            else:
+                reasons.append(f"{dead.size} dead unit(s), none can be regrown with gain "
+                               f"(best {value:.4g} <= 1)")
+    # 2. the smooth piece
+    held = None
+    act = np.nonzero(lam > 1e-9 * max(lam.max(), 1e-300))[0]
+    rows = [np.asarray(_grads_at(problem, theta, jnp.asarray(act)))] if act.size else []
+    if kinks is not None:
+        Z = np.asarray(_flat_pre(problem, theta))
+        held = np.abs(Z) <= 1e-9 * np.abs(Z).max(axis=1, keepdims=True)
+        sites = np.argwhere(held & np.isin(np.arange(problem.n), _point_of(problem)[act])[:, None])
+        if len(sites):
+            rows.append(np.asarray(_site_gradients(problem, theta, jnp.asarray(sites[:, 0]),
+                                                   jnp.asarray(sites[:, 1]))))
+        held = jnp.asarray(np.where(held, kinks.lo, np.nan))
+    else:
+        held = jnp.zeros((problem.n, 0))
+    A = np.vstack(rows) if rows else np.zeros((0, flat.size))
+    Hess = np.eye(flat.size) - np.asarray(_lagrangian_hessian(problem, theta, jnp.asarray(lam),
+                                                              jnp.arange(lam.size), held))
+    _, sv, Vt = np.linalg.svd(A, full_matrices=True) if A.size else (None, np.zeros(0),
+                                                                      np.eye(flat.size))
+    rank = int(np.sum(sv > 1e-10 * (sv.max() if sv.size else 1.0)))
+    Zb = Vt[rank:].T
+    if Zb.shape[1] == 0:
+        curvature = math.inf
+    else:
+        ev, evec = np.linalg.eigh(Zb.T @ Hess @ Zb)
+        curvature = float(ev[0])
+        if curvature < -curvature_tol:
+            out = verify(Zb @ evec[:, 0], f"negative curvature {curvature:.3g} of the "
+                         f"Lagrangian on the critical subspace", curvature)
+            if out is None:
+                out = verify(-(Zb @ evec[:, 0]), f"negative curvature {curvature:.3g} of the "
+                             f"Lagrangian on the critical subspace", curvature)
+            if out is not None:
+                return out
+            reasons.append(f"negative curvature {curvature:.3g} on the critical subspace, but "
+                           f"no step along it raised gamma_bar")
+            return LocalOptimality("inconclusive", "; ".join(reasons), curvature, None,
+                                   math.nan, math.nan, None)
+    if curvature > curvature_tol and not any("gain" in r_ and "> 1" in r_ for r_ in reasons):
+        return LocalOptimality("local maximum (second order)",
+                               "; ".join(reasons + [f"the Lagrangian's Hessian is positive "
+                                                    f"definite (>= {curvature:.3g}) on the "
+                                                    f"critical subspace of {act.size} active "
+                                                    f"constraints"]),
+                               curvature, None, math.nan, math.nan, None)
+    reasons.append(f"the smallest curvature on the critical subspace is {curvature:.3g}")
+    return LocalOptimality("inconclusive", "; ".join(reasons), curvature, None, math.nan,
+                           math.nan, None)
