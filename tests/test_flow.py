@@ -111,7 +111,7 @@ def test_speed_rate_and_the_exact_slack_of_lemma_5_1(deep_linear_flow):
     u the per-point losses' exponents, w = softmax(-u); relative 1e-8): d log gamma_tilde /
     d tau = L |g|^2 rho / (s log(1/L)) - L and rho s = L sum_n w_n u_n (Euler). r - 1 is the
     soft-min weights' entropy over log(1/L), so C.9 turns tight as the loss falls."""
-    from homoflow import flow as F
+    from homoflow.flow import polar as F
     prob, traj = deep_linear_flow
     rows = np.nonzero((traj["phase"] == 2) & traj["separated"].astype(bool))[0]
     for i in rows[:: max(1, len(rows) // 4)]:

@@ -13,6 +13,7 @@ from scipy.optimize import lsq_linear
 
 from homoflow import data, losses, models
 from homoflow import flow as F
+from homoflow.flow import polar, ros2, sliding
 from homoflow.problem import make_problem
 
 L = 2.0
@@ -32,11 +33,11 @@ def _late_state(prob, traj, steps=200):
     """A phase-2 state with a sliding set: restart the log-polar solver from the last
     saved point and let it run ``steps`` steps."""
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a[-1]), traj.snapshots)
-    flat, unravel = F._ravel(params)
-    st = F._polar_start(prob, unravel, flat, float(traj["log_T"][-1]), True)
-    st = F._advance(prob, st, jnp.asarray(jnp.inf), jnp.asarray(jnp.inf),
-                    jnp.asarray(-jnp.inf), jnp.asarray(steps), unravel=unravel, rtol=1e-6,
-                    atol=1e-6, h_max=0.01)
+    flat, unravel = polar._ravel(params)
+    st = polar._polar_start(prob, unravel, flat, float(traj["log_T"][-1]), True)
+    st = ros2._advance(prob, st, jnp.asarray(jnp.inf), jnp.asarray(jnp.inf),
+                       jnp.asarray(-jnp.inf), jnp.asarray(steps), unravel=unravel,
+                       config=ros2.PolarConfig(rtol=1e-6, atol=1e-6, h_max=0.01))
     return st, unravel
 
 
@@ -84,7 +85,7 @@ def test_sliding_velocity_is_the_minimum_norm_clarke_element(relu_flow):
     Xf = np.asarray(prob.X)
     N, d = Xf.shape
     m = kink.width
-    z = np.asarray(F._kink_z(prob, st.x))
+    z = np.asarray(sliding._kink_z(prob, st.x))
     mask = np.asarray(st.mask)
     xn = np.linalg.norm(Xf, axis=1)[:, None]
     assert mask.sum() > 0

@@ -1,0 +1,72 @@
+"""Phase 1: gradient flow d theta/dt = -grad L(theta) in original time, until t0.
+
+An adaptive diffrax solve (Tsit5 + PID) of the flow, stopped by a ``diffrax.Event`` at t0,
+the first time L falls below the separability threshold l(b_f) (DESIGN §3); configured by
+``Phase1Config``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+
+from ._checks import _finite_at_least
+
+
+@dataclass(frozen=True)
+class Phase1Config:
+    """Phase 1's solve, validated when made: PID tolerances ``rtol``/``atol``, the time
+    ``t0_limit`` by which the data must have separated, and the step budget ``max_steps``."""
+    rtol: float = 1e-6
+    atol: float = 1e-9
+    t0_limit: float = 1e6
+    max_steps: int = 1_000_000
+
+    def __post_init__(self):
+        rtol = _finite_at_least("rtol", self.rtol, 0.0, False)
+        atol = _finite_at_least("atol", self.atol, 0.0, False)
+        if rtol == 0.0 and atol == 0.0:
+            raise ValueError("rtol and atol are both 0: no step could be accepted")
+        t0_limit = _finite_at_least("t0_limit", self.t0_limit, 0.0, True)
+        try:
+            max_steps = operator.index(self.max_steps)
+        except TypeError:
+            max_steps = 0
+        if isinstance(self.max_steps, bool) or max_steps < 1:
+            raise ValueError(f"max_steps must be an int >= 1, got {self.max_steps!r}")
+        for name, v in (("rtol", rtol), ("atol", atol), ("t0_limit", t0_limit),
+                        ("max_steps", max_steps)):
+            object.__setattr__(self, name, v)
+
+
+def _phase1_field(t, y, args):
+    problem, unravel = args
+    log_loss, grad = jax.value_and_grad(lambda z: problem.log_loss(unravel(z)))(y)
+    return -jnp.exp(log_loss) * grad
+
+
+def _phase1_separated(t, y, args, **kwargs):
+    problem, unravel = args
+    return problem.log_loss(unravel(y)) - problem.loss.log_threshold
+
+
+def _phase1(problem, flat0, unravel, cfg: Phase1Config, save_t):
+    """Original-time flow until L < l(b_f) (a diffrax Event) or cfg.t0_limit. The field and the
+    event are module-level functions of ``args`` so diffrax's compiled solve is reused."""
+    saveat = (diffrax.SaveAt(t1=True) if save_t is None else
+              diffrax.SaveAt(ts=jnp.asarray(save_t, jnp.float64), t1=True))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_phase1_field), diffrax.Tsit5(), t0=0.0, t1=cfg.t0_limit, dt0=None,
+        y0=flat0, stepsize_controller=diffrax.PIDController(rtol=cfg.rtol, atol=cfg.atol),
+        saveat=saveat,
+        event=diffrax.Event(_phase1_separated,
+                            root_finder=optx.Newton(rtol=1e-12, atol=1e-12)),
+        args=(problem, unravel), max_steps=cfg.max_steps, throw=False)
+    return sol
+
+
