@@ -92,15 +92,31 @@ def test_smoothed_margin_never_decreases_and_lemma_c9_holds_after_t0(which, line
 
 def test_lemma_5_1_and_the_speed_identity_hold_at_saved_points(linear_flow, deep_linear_flow):
     """d log gamma_tilde / d tau >= L ||d theta_hat / d tau||^2 (Lemma 5.1 in tau) and
-    ||d theta_hat / d tau||^2 = beta^-2 - 1 (relative 1e-6, absolute 1e-14), at every saved
-    point after t0."""
+    ||d theta_hat / d tau||^2 = beta^-2 - 1 = tan^2 of the angle between theta and
+    G = -grad log L, at every saved point after t0.
+
+    The right side is formed from G's component perpendicular to theta_hat,
+    ||G - <G, x> x||^2 / <G, x>^2, not from beta: with 1 - beta ~ 1e-10, beta^-2 - 1 loses
+    ten digits (it differed by 6e-5 relative between two CPUs). Error estimate: the
+    per-point exponents u_n ~ log(1/L) are rounded to eps |u_n|, so the soft-min weights,
+    hence autodiff's G and the solver's field, are off by about eps (1 + log(1/L)) |G| per
+    coordinate; each side's perpendicular part over <G, x> is then off by
+    delta = c eps sqrt(P) (1 + log(1/L)) and tan^2 by 2 tan delta + delta^2. Measured on
+    these flows (log(1/L) up to 1e6): at most 1.9 times that with c = 1; c = 16."""
+    eps = np.finfo(np.float64).eps
     for prob, traj in ((linear_flow[0], linear_flow[3]), deep_linear_flow):
         for i in np.nonzero((traj["phase"] == 2) & traj["separated"].astype(bool))[0]:
             p = jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), traj.snapshots)
             r = polar_rates(prob, p)
             assert r["dlog_smoothed_dtau"] >= prob.order * r["speed2"]
-            # beta^-2 - 1 from beta ~ 1 carries an absolute rounding error of a few 1e-16
-            assert r["speed2"] == pytest.approx(float(r["beta"]) ** -2 - 1, rel=1e-6, abs=1e-14)
+            flat = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(p)])
+            x = flat / np.linalg.norm(flat)
+            G = -np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(
+                jax.grad(prob.log_loss)(p))])
+            along = G @ x
+            tan2 = np.sum((G - along * x) ** 2) / along ** 2
+            delta = 16 * eps * math.sqrt(flat.size) * (1 - float(prob.log_loss(p)))
+            assert abs(float(r["speed2"]) - tan2) <= 2 * math.sqrt(tan2) * delta + delta ** 2
 
 
 def test_speed_rate_and_the_exact_slack_of_lemma_5_1(deep_linear_flow):
