@@ -6,6 +6,7 @@ network's sliding flow is checked in ``test_sliding.py``."""
 import math
 import warnings
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,3 +248,59 @@ def test_flow_vmapped_over_seeds_gives_the_numbers_of_separate_calls():
         assert traj["log_T"][-1] >= 300
         for name in ("log_T", "rho", "normalized_margin"):
             np.testing.assert_allclose(traj[name][1:], alone[name][1:], rtol=1e-10, err_msg=name)
+
+
+def _overflowing_deep_linear():
+    """Issue 14 (6a): depth 3 (widths 5-5-5-1), exponential loss, 40 separable points in
+    R^5 (data seed 2, init seed 2; log L(theta_0) = 4.1, |dtheta/dt| = 91 at |theta| = 3.7).
+    diffrax's automatic first step made exp(log L) overflow, the NaN error estimate turned
+    every later step size into NaN, and flow() died in math.log(0) with no accepted step."""
+    model = models.deep_linear((5, 5, 5, 1))
+    X, y = data.linearly_separable(40, 5, 2)
+    return make_problem(model, losses.exponential(), X, y), model.init(jax.random.PRNGKey(2))
+
+
+def test_deep_linear_phase1_separates_where_the_first_step_used_to_overflow():
+    """Phase 1 alone on that problem (no phase 2 to compile): the solve ends at the event
+    L = l(b_f) after accepted steps, with L non-increasing at the saved times (the flow's
+    loss never increases) and every saved state finite."""
+    from homoflow.flow import phase1, polar
+    prob, params0 = _overflowing_deep_linear()
+    flat, unravel = polar._ravel(params0)
+    grid = np.geomspace(1e-7, 10.0, 30)
+    sol = phase1._phase1(prob, flat, unravel, phase1.Phase1Config(t0_limit=10.0,
+                                                                  max_steps=2000), grid)
+    assert sol.result == diffrax.RESULTS.event_occurred
+    assert int(sol.stats["num_accepted_steps"]) > 0
+    ts, ys = np.asarray(sol.ts), np.asarray(sol.ys)
+    ys = ys[np.isfinite(ts)]
+    log_loss = np.array([float(prob.log_loss(unravel(jnp.asarray(v)))) for v in ys])
+    assert np.all(np.isfinite(ys)) and np.all(np.diff(log_loss) <= 1e-12)
+    assert log_loss[-1] <= prob.loss.log_threshold + 1e-9
+
+
+@pytest.mark.slow
+def test_deep_linear_flow_completes_where_the_first_step_used_to_overflow():
+    """The whole flow on that problem reaches phase 2, with gamma_tilde non-decreasing after
+    t0 (relative 1e-10); ~1 min, nearly all of it compiling a new model's programs."""
+    prob, params0 = _overflowing_deep_linear()
+    traj = flow(prob, params0, log_t_max=3.0, t0_limit=10.0, max_steps=2000, n_saves=5,
+                progress=False, kkt=False, snapshots=False)
+    assert traj.meta["status"] == "completed" and traj.meta["phase1"]["steps"] > 0
+    c = traj.columns
+    assert np.all(np.diff(c["log_loss"]) <= 0) and set(c["phase"]) == {1, 2}
+    g = c["smoothed_margin"][(c["phase"] == 2) & c["separated"].astype(bool)]
+    assert len(g) >= 2 and np.all(g[1:] >= g[:-1] * (1 - 1e-10))
+
+
+def test_phase1_that_cannot_finish_raises_run_stopped_naming_the_time_and_the_cause():
+    """A phase-1 solve that runs out of steps is status "phase1_failed" (RunStopped with
+    the time reached and diffrax's reason, and what was recorded), never a math error."""
+    prob, _, _ = _linear_problem(models.linear(5))
+    with pytest.raises(homoflow.RunStopped, match=r"original-time solve failed at t = .*"
+                                                  r"steps") as info:
+        flow(prob, prob.model.init(jax.random.PRNGKey(0)), max_steps=2, progress=False,
+             kkt=False)
+    assert info.value.reason == "phase1_failed"
+    assert info.value.trajectory.meta["status"] == "phase1_failed"
+    assert len(info.value.trajectory) >= 1

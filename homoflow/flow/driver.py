@@ -22,9 +22,9 @@ from ..kkt import kkt_columns
 from ..problem import Problem
 from ..trajectory import RunStopped, Trajectory, package_versions
 from .audit import _polar_summary, _Recorder, _solver_columns
-from .phase1 import Phase1Config, _phase1
-from .polar import (MAX_STEPS, NONFINITE, NOT_RADIAL, NOT_SEPARATED, OK, STEP_UNDERFLOW,
-                    _STATUS, _polar_start, _ravel)
+from .phase1 import _LOG_LOSS_MAX, Phase1Config, _phase1
+from .polar import (MAX_STEPS, NONFINITE, NOT_RADIAL, NOT_SEPARATED, OK, PHASE1_FAILED,
+                    STEP_UNDERFLOW, _STATUS, _polar_start, _ravel)
 from .ros2 import PolarConfig, _advance, _polar_loop
 
 _CHUNK = 2000  # phase-2 steps between checks of flow's wall budget
@@ -96,25 +96,41 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 
     rec(params0, -math.inf, 1, 0, 0, 0.0)
     log_loss0 = float(problem.log_loss(params0))
+
+    def phase1_failed(t_end, cause):
+        meta.update(status="phase1_failed", wall_time_s=time.perf_counter() - start,
+                    message=f"the original-time solve failed at t = {t_end:g}: {cause}")
+        return RunStopped(meta["message"], Trajectory.from_rows(rec.rows, rec.snaps, meta),
+                          meta["phase1"]["steps"], "phase1_failed")
+
     if log_loss0 < problem.loss.log_threshold:
         t0, flat_t0, p1 = 0.0, flat0, {"steps": 0, "rejected": 0}
+    elif not log_loss0 <= _LOG_LOSS_MAX:
+        meta["phase1"] = {"steps": 0, "rejected": 0}
+        raise phase1_failed(0.0, f"log L(theta_0) = {log_loss0:.6g}: the field "
+                                 f"exp(log L) grad log L overflows float64 (above log L = "
+                                 f"{_LOG_LOSS_MAX:g}); start from a smaller loss")
     else:
         grid = np.asarray(save_t if save_t is not None else
                           np.geomspace(t0_limit * 1e-8, t0_limit, 40), np.float64)
         sol = _phase1(problem, flat0, unravel, p1_cfg, grid)
         p1 = {"steps": int(sol.stats["num_accepted_steps"]),
               "rejected": int(sol.stats["num_rejected_steps"]), "result": str(sol.result)}
+        meta["phase1"] = p1
         ts, ys = np.asarray(sol.ts), np.asarray(sol.ys)
         # saves past the end of the solve (event or failure) are inf; the last finite
-        # entry is the state at the end (SaveAt(t1=True))
-        done = np.isfinite(ts) & np.all(np.isfinite(ys), axis=1)
+        # entry is the state at the end (SaveAt(t1=True)); t = 0 is recorded already
+        done = np.isfinite(ts) & np.all(np.isfinite(ys), axis=1) & (ts > 0)
         ts, ys = ts[done], ys[done]
-        t_end = float(ts[-1])
         for t, y in zip(ts, ys):
             rec(unravel(jnp.asarray(y)), math.log(t), 1, p1["steps"], p1["rejected"],
                 time.perf_counter() - start)
+        if p1["steps"] == 0 or len(ts) == 0:
+            raise phase1_failed(float(ts[-1]) if len(ts) else 0.0,
+                                f"no step was accepted ({p1['rejected']} rejected; diffrax "
+                                f"result: {sol.result!r})")
+        t_end = float(ts[-1])
         flat_t0 = jnp.asarray(ys[-1])
-        meta["phase1"] = p1
         if sol.result == diffrax.RESULTS.successful:  # reached t0_limit without separating
             meta.update(status="not_separated", t0=None, wall_time_s=time.perf_counter() - start,
                         message=f"the loss never fell below the separability threshold "
@@ -124,11 +140,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
             warnings.warn(meta["message"], stacklevel=2)
             return Trajectory.from_rows(rec.rows, rec.snaps, meta)
         if sol.result != diffrax.RESULTS.event_occurred:
-            meta.update(status="phase1_failed", wall_time_s=time.perf_counter() - start,
-                        message=f"the original-time solve failed at t = {t_end:g}: diffrax "
-                                f"result {sol.result!r}")
-            raise RunStopped(meta["message"], Trajectory.from_rows(rec.rows, rec.snaps, meta),
-                             p1["steps"], "phase1_failed")
+            raise phase1_failed(t_end, f"diffrax result {sol.result!r} after {p1['steps']} "
+                                       f"accepted and {p1['rejected']} rejected steps")
         t0 = t_end
     meta["t0"] = t0
     meta["log_loss_t0"] = float(problem.log_loss(unravel(flat_t0)))
@@ -228,12 +241,18 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
 
     def one(flat):
         sol = _phase1(problem, flat, unravel, p1_cfg, None)
-        already = problem.log_loss(unravel(flat)) < threshold
+        log_loss0 = problem.log_loss(unravel(flat))
+        already = log_loss0 < threshold
         separated = already | (sol.result == diffrax.RESULTS.event_occurred)
+        # phase 1 ends at t0_limit (not separated), at t0, or fails (see ``flow``)
+        failed = ~already & ((log_loss0 > _LOG_LOSS_MAX) | (
+            ~separated & (sol.result != diffrax.RESULTS.successful))
+            | (sol.stats["num_accepted_steps"] == 0))
         t0 = jnp.where(already, 0.0, sol.ts[-1])
         flat_t0 = jnp.where(already, flat, sol.ys[-1])
         st = _polar_start(problem, unravel, flat_t0, jnp.log(t0), sliding)
-        st = st._replace(status=jnp.where(separated, st.status, NOT_SEPARATED))
+        st = st._replace(status=jnp.where(failed, PHASE1_FAILED, jnp.where(
+            separated, st.status, NOT_SEPARATED)))
 
         def save(st, mark):
             st = _polar_loop(problem, unravel, st, mark, jnp.inf, -jnp.inf, max_steps, cfg)
@@ -271,7 +290,7 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         meta = {"engine": "flow_batch", "model": problem.model.name, "order": problem.order,
                 "loss": problem.loss.name, "n": problem.n, "seed_index": b,
                 "t0": float(t0[b]), "phase1": {"steps": int(p1_steps[b])},
-                "status": "not_separated" if status == NOT_SEPARATED else _STATUS[status],
+                "status": _STATUS[status],
                 "versions": package_versions()}
         out.append(Trajectory(columns, jax.device_get(params), meta))
     return out

@@ -29,9 +29,10 @@ from ..problem import Problem
 from .sliding import _kink_z, _project, _sliding
 
 # status codes of the log-polar loop
-OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED = range(6)
+OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED, PHASE1_FAILED = range(7)
 _STATUS = {OK: "completed", NONFINITE: "nonfinite", NOT_RADIAL: "nonpositive_radial_velocity",
-           STEP_UNDERFLOW: "step_size_underflow", MAX_STEPS: "max_steps"}
+           STEP_UNDERFLOW: "step_size_underflow", MAX_STEPS: "max_steps",
+           NOT_SEPARATED: "not_separated", PHASE1_FAILED: "phase1_failed"}
 
 
 class PolarPoint(NamedTuple):
