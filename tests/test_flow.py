@@ -304,3 +304,23 @@ def test_phase1_that_cannot_finish_raises_run_stopped_naming_the_time_and_the_ca
     assert info.value.reason == "phase1_failed"
     assert info.value.trajectory.meta["status"] == "phase1_failed"
     assert len(info.value.trajectory) >= 1
+
+
+def test_flow_compiles_once_per_model_shape_and_the_budget_starts_after_compiling():
+    """Issue 14 (5): a second flow on the same model and shapes (another initialization,
+    other stop values, numpy or python scalars) compiles nothing new, and compile time is
+    reported apart from the flow's wall time."""
+    from homoflow.flow import phase1, polar, ros2
+    prob, _, _ = _linear_problem(models.linear(5))
+    kw = dict(n_saves=5, progress=False, kkt=False, snapshots=False)
+    first = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=50.0, **kw)
+    sizes = [f._cache_size() for f in (phase1._phase1_jit, polar._polar_start_jit,
+                                       ros2._advance)]
+    second = flow(prob, prob.model.init(jax.random.PRNGKey(1)), log_t_max=np.float64(80.0),
+                  **kw)
+    assert [f._cache_size() for f in (phase1._phase1_jit, polar._polar_start_jit,
+                                      ros2._advance)] == sizes
+    for traj in (first, second):
+        assert traj.status == "completed"
+        assert traj.meta["compile_time_s"] >= 0 and traj.meta["wall_time_s"] >= 0
+    assert second.meta["compile_time_s"] < first.meta["compile_time_s"]

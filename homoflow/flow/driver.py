@@ -22,12 +22,34 @@ from ..kkt import kkt_columns
 from ..problem import Problem
 from ..trajectory import RunStopped, Trajectory, package_versions
 from .audit import _polar_summary, _Recorder, _solver_columns
-from .phase1 import _LOG_LOSS_MAX, Phase1Config, _phase1
+from .phase1 import _LOG_LOSS_MAX, Phase1Config, _phase1, _phase1_jit
 from .polar import (MAX_STEPS, NONFINITE, NOT_RADIAL, NOT_SEPARATED, OK, PHASE1_FAILED,
-                    STEP_UNDERFLOW, _STATUS, _polar_start, _ravel)
+                    STEP_UNDERFLOW, _STATUS, _polar_start, _polar_start_jit, _ravel)
 from .ros2 import PolarConfig, _advance, _polar_loop
 
 _CHUNK = 2000  # phase-2 steps between checks of flow's wall budget
+
+
+def _f64(v):
+    # the stop values and counts _advance takes are strongly typed, so that every call
+    # (python floats, numpy scalars) hits the same compiled program
+    return jnp.asarray(v, jnp.float64)
+
+
+def _i64(v):
+    return jnp.asarray(v, jnp.int64)
+
+
+def _compile(problem, flat0, unravel, p1_cfg, cfg, grid, sliding, phase1: bool):
+    """Compile (or find in jit's cache) phase 1, the polar start, the ROS2 loop and Lemma
+    5.1's check for these shapes: phase 1 ahead of time, the others by a call that does no
+    work (zero steps)."""
+    if phase1:
+        _phase1_jit.lower(problem, flat0, unravel=unravel, cfg=p1_cfg, save_t=grid).compile()
+    st = _polar_start_jit(problem, unravel, flat0, _f64(0.0), sliding)
+    _advance(problem, st, _f64(0.0), _f64(0.0), _f64(0.0), _i64(0), unravel=unravel,
+             config=cfg)
+    jax.block_until_ready(_polar_summary(problem, st, unravel))
 
 
 def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
@@ -41,8 +63,10 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 
     Stops at the first of: log t >= ``log_t_max``, tau = log rho >= ``tau_max``,
     log L <= ``log_loss_min``, or (checked at saved points of phase 2) ``max_wall_s``
-    seconds of wall time (status "wall_budget"). ``h_max`` caps the step in tau: the
-    direction lags the flow by O(h^2) (on a linear model 1 - beta plateaus near
+    seconds of wall time (status "wall_budget"), counted from the end of compilation: the
+    run first compiles its programs on the real shapes (``meta["compile_time_s"]``; near 0
+    when the same model was flowed before), and ``meta["wall_time_s"]`` is the rest.
+    ``h_max`` caps the step in tau: the direction lags the flow by O(h^2) (on a linear model 1 - beta plateaus near
     4e-8 (h_max / 0.02)^4: 2.4e-5, 4e-8, 1.7e-10 at h_max = 0.1, 0.02, 0.005), and a
     decade of log t takes about 1.15 / (L h_max) steps at most on a kink-free model.
     ``polar_rtol``/``polar_atol`` are phase 2's tolerances on theta_hat until the soft-min's
@@ -77,7 +101,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         raise ValueError("give at least one of log_t_max, tau_max, log_loss_min")
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
     cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref)
-    start = time.perf_counter()
+    compile_start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
     rec = _Recorder(problem, snapshots, kkt, unravel)
@@ -94,8 +118,16 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     tau_stop = math.inf if tau_max is None else float(tau_max)
     ll_stop = -math.inf if log_loss_min is None else float(log_loss_min)
 
-    rec(params0, -math.inf, 1, 0, 0, 0.0)
     log_loss0 = float(problem.log_loss(params0))
+    grid = np.asarray(save_t if save_t is not None else
+                      np.geomspace(t0_limit * 1e-8, t0_limit, 40), np.float64)
+    # compile every program the run uses, on its real shapes, before the wall budget starts
+    # (a no-op the second time: jit's cache holds them)
+    _compile(problem, flat0, unravel, p1_cfg, cfg, grid, sliding,
+             phase1=problem.loss.log_threshold <= log_loss0 <= _LOG_LOSS_MAX)
+    rec(params0, -math.inf, 1, 0, 0, 0.0)  # compiles the diagnostics (and KKT)
+    start = time.perf_counter()
+    meta["compile_time_s"] = start - compile_start
 
     def phase1_failed(t_end, cause):
         meta.update(status="phase1_failed", wall_time_s=time.perf_counter() - start,
@@ -111,9 +143,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
                                  f"exp(log L) grad log L overflows float64 (above log L = "
                                  f"{_LOG_LOSS_MAX:g}); start from a smaller loss")
     else:
-        grid = np.asarray(save_t if save_t is not None else
-                          np.geomspace(t0_limit * 1e-8, t0_limit, 40), np.float64)
-        sol = _phase1(problem, flat0, unravel, p1_cfg, grid)
+        sol = _phase1_jit(problem, flat0, unravel=unravel, cfg=p1_cfg, save_t=grid)
         p1 = {"steps": int(sol.stats["num_accepted_steps"]),
               "rejected": int(sol.stats["num_rejected_steps"]), "result": str(sol.result)}
         meta["phase1"] = p1
@@ -148,7 +178,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 
     # ---- phase 2: log-polar time
     log_t0 = math.log(t0) if t0 > 0 else -math.inf  # separated at t = 0: t grows from 0
-    st = _polar_start(problem, unravel, flat_t0, log_t0, sliding)
+    st = _polar_start_jit(problem, unravel, flat_t0, _f64(log_t0), sliding)
     tau0 = st.tau
     if not float(st.point.s) > 0:
         raise ValueError(f"<theta_hat, -grad L> = {float(st.point.s):.3g} <= 0 at t0 = {t0:g}; "
@@ -169,8 +199,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         ta_stop = min(mark, tau_stop) if key == "tau" else tau_stop
         while True:  # in chunks of steps, so that the wall budget is checked in between
             cap = min(max_steps, int(st.steps) + _CHUNK)
-            st = advance(problem, st, jnp.asarray(lt_stop), jnp.asarray(ta_stop),
-                         jnp.asarray(ll_stop), jnp.asarray(cap))
+            st = advance(problem, st, _f64(lt_stop), _f64(ta_stop), _f64(ll_stop), _i64(cap))
             status = int(st.status)
             if status != OK or int(st.steps) < cap or cap >= max_steps or (
                     max_wall_s is not None and time.perf_counter() - start >= max_wall_s):

@@ -104,3 +104,8 @@ def _phase1(problem, flat0, unravel, cfg: Phase1Config, save_t):
                             root_finder=optx.Newton(rtol=1e-12, atol=1e-12)),
         args=(problem, unravel, log_loss_cap), max_steps=cfg.max_steps, throw=False)
     return sol
+
+
+# phase 1 as one jitted program of (problem, flat0, save_t): flow() compiles it ahead of
+# time (``.lower(...).compile()``, which fills jit's cache) before its wall budget starts
+_phase1_jit = jax.jit(_phase1, static_argnames=("unravel", "cfg"))

@@ -125,8 +125,6 @@ def _log_smoothed(problem: Problem, unravel, x, tau, sl=None):
     return _log_smoothed_of(problem, log_loss, tau)
 
 
-
-
 def _polar_start(problem: Problem, unravel, flat_t0, log_t0, sliding: bool = False) -> PolarState:
     rho = jnp.linalg.norm(flat_t0)
     x0, tau0 = flat_t0 / rho, jnp.log(rho)
@@ -134,10 +132,17 @@ def _polar_start(problem: Problem, unravel, flat_t0, log_t0, sliding: bool = Fal
     if sliding and problem.model.kink is not None:
         mask = jnp.zeros(_kink_z(problem, x0).shape, bool)
         sl = _sliding(problem, mask, jnp.full(mask.shape, jnp.nan, x0.dtype))
-    return PolarState(x0, tau0, jnp.asarray(log_t0, jnp.float64), jnp.asarray(1e-3),
-                      _field(problem, unravel, x0, tau0, sl), jnp.asarray(0), jnp.asarray(0),
-                      jnp.asarray(OK), jnp.asarray(0.0), jnp.asarray(0.0), mask, sl)
+    # strongly typed scalars: the state _advance returns must have the avals it was given,
+    # or its second call compiles the solver again
+    f64 = lambda v: jnp.asarray(v, jnp.float64)
+    i64 = lambda v: jnp.asarray(v, jnp.int64)
+    return PolarState(x0, tau0, f64(log_t0), f64(1e-3), _field(problem, unravel, x0, tau0, sl),
+                      i64(0), i64(0), i64(OK), f64(0.0), f64(0.0), mask, sl)
 
+
+# one compiled program per model shape (and sliding flag): eager, _polar_start's field
+# (vmapped VJPs, a JVP) compiled dozens of small programs op by op
+_polar_start_jit = jax.jit(_polar_start, static_argnames=("unravel", "sliding"))
 
 
 @dataclass(frozen=True)

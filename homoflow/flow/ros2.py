@@ -187,7 +187,8 @@ def _ros2_step(problem: Problem, unravel, st: PolarState, cfg: PolarConfig) -> P
     return PolarState(
         x=jnp.where(accepted, x_new, x0), tau=jnp.where(accepted, tau + h, tau),
         log_t=jnp.where(accepted, log_t_new, st.log_t), h=h_next, point=pick(new_pt, pt0),
-        steps=st.steps + accepted, rejected=st.rejected + (~accepted), status=status,
+        steps=st.steps + accepted, rejected=st.rejected + (~accepted),
+        status=status.astype(jnp.int64),
         energy=st.energy + jnp.where(accepted, jnp.sum((x_new - x0) ** 2) / h, 0.0),
         speed_int=st.speed_int + jnp.where(accepted, trap, 0.0),
         mask=pick(mask, st.mask), slide=pick(sl, st.slide))
