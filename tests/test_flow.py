@@ -324,3 +324,24 @@ def test_flow_compiles_once_per_model_shape_and_the_budget_starts_after_compilin
         assert traj.status == "completed"
         assert traj.meta["compile_time_s"] >= 0 and traj.meta["wall_time_s"] >= 0
     assert second.meta["compile_time_s"] < first.meta["compile_time_s"]
+
+
+def test_on_record_sees_every_row_and_can_end_the_flow():
+    """``on_record(step, params, row)`` gets each row as recorded, with the parameters of that
+    row (its normalized margin recomputed from them matches the row to 1e-12), and True
+    ends the run after that row, completed, with ``meta["stopped_by_hook"]``."""
+    prob, _, _ = _linear_problem(models.linear(5))
+    seen = []
+
+    def hook(step, params, row):
+        w = np.ravel(np.asarray(params[0]))
+        q = np.asarray(prob.y) * (np.asarray(prob.X) @ w)
+        seen.append((step, row["log_T"], q.min() / np.linalg.norm(w), row["normalized_margin"]))
+        return row["phase"] == 2 and row["log_T"] >= 5.0
+
+    traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=50.0, n_saves=20,
+                progress=True, kkt=False, on_record=hook)
+    assert traj.status == "completed" and traj.meta["stopped_by_hook"] == seen[-1][0]
+    assert len(seen) == len(traj) and 5.0 <= traj["log_T"][-1] < 50.0
+    np.testing.assert_array_equal([s[1] for s in seen], traj["log_T"])
+    np.testing.assert_allclose([s[2] for s in seen], [s[3] for s in seen], rtol=1e-12)

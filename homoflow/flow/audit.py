@@ -60,8 +60,10 @@ def _solver_columns(problem: Problem, log_loss, *, step, rejected, log_t, phase,
 class _Recorder:
     """Diagnostics (the one shared function) at saved points, plus solver statistics."""
 
-    def __init__(self, problem: Problem, snapshots: bool, kkt: bool, unravel=None):
+    def __init__(self, problem: Problem, snapshots: bool, kkt: bool, unravel=None,
+                 on_record=None):
         self.problem, self.snapshots, self.kkt, self.unravel = problem, snapshots, kkt, unravel
+        self.on_record, self.stopped_at = on_record, None
         self.rows, self.snaps = [], []
 
     def __call__(self, params, log_t, phase, steps, rejected, wall, energy=math.nan,
@@ -80,6 +82,10 @@ class _Recorder:
         self.rows.append(row)
         if self.snapshots:
             self.snaps.append(jax.device_get(params))
+        # the caller's hook (descent's signature); True ends the run after this row
+        if self.on_record is not None and bool(self.on_record(row["step"], params, row)):
+            self.stopped_at = row["step"]
+        return self.stopped_at is not None
 
 
 def polar_rates(problem: Problem, params) -> dict:

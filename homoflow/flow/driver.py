@@ -58,7 +58,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
          stiff_ref: float = 1e5, h_max: float = 0.01, max_steps: int = 1_000_000,
          max_wall_s: float | None = None, sliding: bool = True, progress: bool = True,
-         snapshots: bool = True, kkt: bool = True, config: dict | None = None) -> Trajectory:
+         snapshots: bool = True, kkt: bool = True, config: dict | None = None,
+         on_record=None) -> Trajectory:
     """Simulate gradient flow from ``params0`` and record diagnostics.
 
     Stops at the first of: log t >= ``log_t_max``, tau = log rho >= ``tau_max``,
@@ -66,9 +67,9 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     seconds of wall time (status "wall_budget"), counted from the end of compilation: the
     run first compiles its programs on the real shapes (``meta["compile_time_s"]``; near 0
     when the same model was flowed before), and ``meta["wall_time_s"]`` is the rest.
-    ``h_max`` caps the step in tau: the direction lags the flow by O(h^2) (on a linear model 1 - beta plateaus near
-    4e-8 (h_max / 0.02)^4: 2.4e-5, 4e-8, 1.7e-10 at h_max = 0.1, 0.02, 0.005), and a
-    decade of log t takes about 1.15 / (L h_max) steps at most on a kink-free model.
+    ``h_max`` caps the step in tau: the direction lags the flow by O(h^2) (on a linear model
+    1 - beta plateaus near 4e-8 (h_max / 0.02)^4: 2.4e-5, 4e-8, 1.7e-10 at h_max = 0.1,
+    0.02, 0.005), and a decade of log t takes about 1.15 / (L h_max) steps at most on a kink-free model.
     ``polar_rtol``/``polar_atol`` are phase 2's tolerances on theta_hat until the soft-min's
     sharpness e^{L tau} reaches ``stiff_ref`` (log t ~ 1e4 on the default problem); from
     there they shrink like e^{-L tau}: the stiff directions turn a position error d into a
@@ -92,6 +93,12 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     and Lemma 5.1's sides along that velocity, ``dlog_smoothed_dtau`` and ``speed2``
     (||d theta_hat / d tau||^2).
 
+    ``on_record(step, params, row)`` is called after each recorded row (as in ``descent``;
+    ``step`` counts accepted solver steps of both phases, phase-1 rows come once phase 1 has
+    finished): if it returns True the run ends there, completed
+    (``meta["stopped_by_hook"]`` is that step). ``progress`` shows a bar in log10(log t)
+    (in tau when only ``tau_max`` is given), updated every few thousand steps.
+
     Data that never separate stop at ``t0_limit`` with status "not_separated" and a
     warning. A solver failure (diffrax's result code in phase 1; step-size underflow,
     non-finite values or <theta_hat, -grad L> <= 0 in phase 2) raises ``RunStopped``
@@ -104,7 +111,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     compile_start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
-    rec = _Recorder(problem, snapshots, kkt, unravel)
+    rec = _Recorder(problem, snapshots, kkt, unravel, on_record)
     meta = {"engine": "flow", "model": problem.model.name, "order": problem.order,
             "layer_orders": list(problem.model.layer_orders), "loss": problem.loss.name,
             "n": problem.n, "log_threshold": problem.loss.log_threshold,
@@ -128,6 +135,15 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     rec(params0, -math.inf, 1, 0, 0, 0.0)  # compiles the diagnostics (and KKT)
     start = time.perf_counter()
     meta["compile_time_s"] = start - compile_start
+
+    def stopped_by_hook(where):
+        meta.update(status="completed", stopped_by_hook=rec.stopped_at,
+                    wall_time_s=time.perf_counter() - start,
+                    message=f"{where} (on_record ended the run at step {rec.stopped_at})")
+        return Trajectory.from_rows(rec.rows, rec.snaps, meta)
+
+    if rec.stopped_at is not None:
+        return stopped_by_hook("stopped at t = 0")
 
     def phase1_failed(t_end, cause):
         meta.update(status="phase1_failed", wall_time_s=time.perf_counter() - start,
@@ -153,8 +169,9 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         done = np.isfinite(ts) & np.all(np.isfinite(ys), axis=1) & (ts > 0)
         ts, ys = ts[done], ys[done]
         for t, y in zip(ts, ys):
-            rec(unravel(jnp.asarray(y)), math.log(t), 1, p1["steps"], p1["rejected"],
-                time.perf_counter() - start)
+            if rec(unravel(jnp.asarray(y)), math.log(t), 1, p1["steps"], p1["rejected"],
+                   time.perf_counter() - start):
+                return stopped_by_hook(f"stopped in phase 1 at t = {t:g}")
         if p1["steps"] == 0 or len(ts) == 0:
             raise phase1_failed(float(ts[-1]) if len(ts) else 0.0,
                                 f"no step was accepted ({p1['rejected']} rejected; diffrax "
@@ -192,7 +209,21 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
         marks = np.linspace(float(tau0), tau_stop if np.isfinite(tau_stop) else float(tau0) + 10,
                             n_saves)[1:]
         key = "tau"
-    bar = tqdm(total=len(marks), disable=not progress, unit="save", leave=False, mininterval=0.5)
+    # the bar's unit is a decade of log t (or a unit of tau)
+    if key == "log_t":
+        origin = math.log10(max(log_t0, 1e-3))
+        position = lambda st: max(math.log10(max(float(st.log_t), 1e-300)) - origin, 0.0)
+        total = math.log10(max(lt_max, 1e-3)) - origin
+    else:
+        position = lambda st: float(st.tau - tau0)
+        total = float(marks[-1] - tau0)
+    bar = tqdm(total=round(total, 3), disable=not progress, unit="decade" if key == "log_t"
+               else "tau", leave=False, mininterval=0.5,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} {unit} [{elapsed}{postfix}]")
+
+    def show(st):
+        bar.n = round(min(position(st), bar.total), 3)
+        bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps), refresh=True)
     status, last_steps, out_of_time = OK, -1, False
     for mark in marks:
         lt_stop = min(mark, lt_max) if key == "log_t" else lt_max
@@ -201,19 +232,20 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
             cap = min(max_steps, int(st.steps) + _CHUNK)
             st = advance(problem, st, _f64(lt_stop), _f64(ta_stop), _f64(ll_stop), _i64(cap))
             status = int(st.status)
+            show(st)
             if status != OK or int(st.steps) < cap or cap >= max_steps or (
                     max_wall_s is not None and time.perf_counter() - start >= max_wall_s):
                 break
         if status == OK and int(st.steps) >= max_steps:
             status = MAX_STEPS
-        bar.update(1)
         if int(st.steps) == last_steps and status == OK:
             continue  # this mark was passed by the last step already
         last_steps = int(st.steps)
-        rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2,
-            p1["steps"] + int(st.steps), p1["rejected"] + int(st.rejected),
-            time.perf_counter() - start, float(st.energy), st)
-        bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps))
+        hook = rec(unravel(jnp.exp(st.tau) * st.x), float(st.log_t), 2,
+                   p1["steps"] + int(st.steps), p1["rejected"] + int(st.rejected),
+                   time.perf_counter() - start, float(st.energy), st)
+        if hook and status == OK:
+            break
         if (status != OK or float(st.log_t) >= lt_max or float(st.tau) >= tau_stop
                 or float(st.point.log_loss) <= ll_stop):
             break
@@ -232,11 +264,13 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
                             f"(tau = {float(st.tau):.6g}): {what}")
         raise RunStopped(meta["message"], Trajectory.from_rows(rec.rows, rec.snaps, meta),
                          int(st.steps), _STATUS[status])
+    if rec.stopped_at is not None:
+        return stopped_by_hook(f"reached log t = {float(st.log_t):.6g}, "
+                               f"tau = {float(st.tau):.6g}")
     meta.update(status="wall_budget" if out_of_time else "completed",
                 message=f"reached log t = {float(st.log_t):.6g}, tau = {float(st.tau):.6g}"
                 + (f" when the wall budget of {max_wall_s:g} s ran out" if out_of_time else ""))
     return Trajectory.from_rows(rec.rows, rec.snaps, meta)
-
 
 
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
