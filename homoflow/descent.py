@@ -24,22 +24,13 @@ from .diagnostics import diagnostics, global_norm, tree_dot
 from .geometry import inv_p, lp_columns_jit, sharpness_jit
 from .kkt import kkt_columns
 from .problem import Problem
-from .schedules import Policy, T0Info, optax_log_lr
-from .trajectory import Trajectory, package_versions
+from .schedules import Policy, T0Info, constant, optax_log_lr
+from .trajectory import RunStopped, Trajectory, package_versions
 
 # status codes of the loop
 OK, NONFINITE_PARAMS, NONFINITE_LOSS, DIVERGED, STALLED = 0, 1, 2, 3, 4
 _STATUS = {OK: "completed", NONFINITE_PARAMS: "nonfinite_params",
            NONFINITE_LOSS: "nonfinite_loss", DIVERGED: "diverged", STALLED: "stalled"}
-
-
-class RunStopped(RuntimeError):
-    """A run stopped early. ``trajectory`` holds every point recorded up to the stop,
-    including the last good state; ``step`` is the iteration at which it stopped."""
-
-    def __init__(self, message: str, trajectory: Trajectory, step: int, reason: str):
-        super().__init__(message)
-        self.trajectory, self.step, self.reason = trajectory, step, reason
 
 
 class DescentState(NamedTuple):
@@ -386,3 +377,12 @@ def _stop_message(code, bad_step, state, policy, divergence_factor):
                 f"{policy.name} {policy.config} makes gradient descent diverge, use a smaller step")
     return (f"the loss-based scheduler failed to decrease the loss in {policy.max_retries} "
             f"consecutive retries {at} (log L = {float(state.log_loss):.6g})")
+
+
+def euler(problem: Problem, params0, dt: float, steps: int, **kwargs) -> Trajectory:
+    """Fixed-step explicit Euler for the gradient flow in original time: exactly gradient
+    descent with step dt (``descent`` with ``constant(dt)``), labelled as a flow
+    discretization."""
+    traj = descent(problem, params0, constant(dt), steps, **kwargs)
+    traj.meta["engine"] = "flow-euler"
+    return traj

@@ -169,6 +169,15 @@ class Trajectory:
         return cls(columns, snapshots, meta)
 
 
+class RunStopped(RuntimeError):
+    """A run stopped early. ``trajectory`` holds every point recorded up to the stop,
+    including the last good state; ``step`` is the iteration at which it stopped."""
+
+    def __init__(self, message: str, trajectory: "Trajectory", step: int, reason: str):
+        super().__init__(message)
+        self.trajectory, self.step, self.reason = trajectory, step, reason
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}

@@ -13,6 +13,7 @@ from scipy.optimize import lsq_linear
 
 from homoflow import data, losses, models
 from homoflow import flow as F
+from homoflow.flow import polar, ros2, sliding
 from homoflow.problem import make_problem
 
 L = 2.0
@@ -32,11 +33,11 @@ def _late_state(prob, traj, steps=200):
     """A phase-2 state with a sliding set: restart the log-polar solver from the last
     saved point and let it run ``steps`` steps."""
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a[-1]), traj.snapshots)
-    flat, unravel = F._ravel(params)
-    st = F._polar_start(prob, unravel, flat, float(traj["log_T"][-1]), True)
-    st = F._advance(prob, st, jnp.asarray(jnp.inf), jnp.asarray(jnp.inf),
-                    jnp.asarray(-jnp.inf), jnp.asarray(steps), unravel=unravel, rtol=1e-6,
-                    atol=1e-6, h_max=0.01)
+    flat, unravel = polar._ravel(params)
+    st = polar._polar_start(prob, unravel, flat, float(traj["log_T"][-1]), True)
+    st = ros2._advance(prob, st, jnp.asarray(jnp.inf), jnp.asarray(jnp.inf),
+                       jnp.asarray(-jnp.inf), jnp.asarray(steps), unravel=unravel,
+                       config=ros2.PolarConfig(rtol=1e-6, atol=1e-6, h_max=0.01))
     return st, unravel
 
 
@@ -61,11 +62,15 @@ def test_relu_flow_slides_and_satisfies_theorem_4_1_lemma_5_1_and_lemma_c9(relu_
     assert np.all(lhs <= rhs)
     assert np.all(np.diff(c["path_energy"][i]) <= rhs)
     # the same integral by the end-corrected trapezoid over the solver's steps, whose error
-    # the solver controls: C.9 holds with it too, and it agrees with the chords to 10% on
-    # every window (measured: 4.2%; the chords also count the moves onto captured kinks)
+    # the solver controls: C.9 holds with it too, and it agrees with the chords on every
+    # window to within the controller's per-step bound summed over the window, 1% of their
+    # sum, 1e-3 of the integral (the h_max term) and a tenth of C.9's slack (measured: at
+    # most 0.83 of it; the chords also count the moves onto captured kinks)
     d_speed, d_path = np.diff(c["speed_integral"][i]), np.diff(c["path_energy"][i])
     assert np.all(d_speed <= rhs)
-    np.testing.assert_allclose(d_speed, d_path, rtol=0.1)
+    allowed = (1e-2 * (d_speed + d_path) + 1e-3 * d_speed
+               + 0.1 * np.maximum(rhs - np.minimum(d_speed, d_path), 0.0))
+    assert np.all(np.abs(d_speed - d_path) <= allowed)
     assert np.all(c["dlog_smoothed_dtau"][i] >= L * c["speed2"][i] * (1 - 1e-9))
     assert c["sliding"][i][-1] > 0
     # the autodiff selection's beta is not the flow's: it stays far from 1 here
@@ -84,7 +89,7 @@ def test_sliding_velocity_is_the_minimum_norm_clarke_element(relu_flow):
     Xf = np.asarray(prob.X)
     N, d = Xf.shape
     m = prob.model.config["widths"][1]
-    z = np.asarray(F._kink_z(prob, st.x))
+    z = np.asarray(sliding._kink_z(prob, st.x))
     mask = np.asarray(st.mask)
     xn = np.linalg.norm(Xf, axis=1)[:, None]
     assert mask.sum() > 0
