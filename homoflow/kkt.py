@@ -309,7 +309,39 @@ def kkt_columns(problem: Problem, params, max_constraints: int | None = 256,
     ``kkt_n_kinks`` (NaN where not valid)."""
     r = kkt_residual(problem, params, max_constraints, selection=selection, kink_tol=kink_tol)
     return {"kkt_eps": r.eps, "kkt_delta": r.delta, "kkt_eps_lower": r.eps_lower,
-            "kkt_kink_tol": r.kink_tol, "kkt_n_kinks": r.n_kinks}
+            "kkt_kink_tol": r.kink_tol, "kkt_n_kinks": r.n_kinks,
+            "beta_clarke": beta_clarke(problem, params)}
+
+
+def _log_loss_of_constraints(problem: Problem, c):
+    """log L as a function of the constraint values (q_n, or s_nj for j != y_n)."""
+    if not problem.model.multiclass:
+        return problem.loss.log_loss(c)
+    s = c.reshape(problem.n, problem.model.n_outputs - 1)
+    return problem.loss.log_loss(-jax.scipy.special.logsumexp(-s, axis=1))
+
+
+def beta_clarke(problem: Problem, params) -> jax.Array:
+    """beta = cos(theta, g) for g the minimum-norm element of the Clarke subdifferential of
+    -log L (Lemma C.8's beta; the velocity the flow follows, DESIGN §3/§6): the chain rule
+    sum_k w_k h_k(sigma_k) with w_k = -d log L / d c_k and sigma_k in [lo, hi] at every
+    active kink (``clarke.min_norm_element``, exact for one hidden layer). On models
+    without kinks this is autodiff's beta; on deeper kinked nets it is not computed (NaN).
+    Jittable and vmappable. Autodiff's beta (the ``beta`` column) uses relu'(0) = 0,
+    another element of the set, and on ReLU nets stays far from 1 where this one does
+    not."""
+    from . import clarke
+    kinks = problem.model.kinks
+    flat = ravel_pytree(params)[0]
+    if kinks is None or not kinks.exact:
+        if kinks is not None:
+            return jnp.asarray(jnp.nan, flat.dtype)
+        g = -ravel_pytree(jax.grad(problem.log_loss)(params))[0]
+    else:
+        w = -jax.grad(partial(_log_loss_of_constraints, problem))(constraints(problem, params))
+        g = ravel_pytree(clarke.min_norm_element(problem, params, w).element)[0]
+    norm = jnp.linalg.norm(g) * jnp.linalg.norm(flat)
+    return jnp.where(norm > 0, flat @ g / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
 class LemmaC8(NamedTuple):
@@ -326,9 +358,12 @@ def lemma_c8_pair(problem: Problem, params, smoothed_margin_t0, B1=jnp.nan) -> L
     (``loss.K``, ``loss.b_g``; K = 1 for the exponential loss, so B1 drops out; otherwise
     pass B1 = sup ||grad q_n|| on the unit sphere, e.g. the *estimate* of
     ``schedules.estimate_smoothness_constants``). NaN where log(1/L) < b_g or a constant
-    is unknown."""
+    is unknown. beta is that of the minimum-norm Clarke element (``beta_clarke``, the
+    lemma's velocity; autodiff's where it is not computed)."""
     L = problem.order
     d = diagnostics(problem, params)
+    beta = beta_clarke(problem, params)
+    beta = jnp.where(jnp.isfinite(beta), beta, d.beta)
     g0 = jnp.asarray(smoothed_margin_t0, jnp.float64)
     K = problem.loss.K
     C1 = jnp.sqrt(2.0) / g0 ** (1.0 / L)
@@ -337,7 +372,7 @@ def lemma_c8_pair(problem: Problem, params, smoothed_margin_t0, B1=jnp.nan) -> L
     s = -d.log_loss
     ok = s >= problem.loss.b_g
     nan = jnp.asarray(jnp.nan)
-    return LemmaC8(jnp.where(ok, C1 * jnp.sqrt(jnp.maximum(1.0 - d.beta, 0.0)), nan),
+    return LemmaC8(jnp.where(ok, C1 * jnp.sqrt(jnp.maximum(1.0 - beta, 0.0)), nan),
                    jnp.where(ok, C2 / s, nan), C1, C2)
 
 
@@ -531,10 +566,6 @@ def _site_gradients(problem: Problem, params, n, s):
             unravel(z))[0, s])(flat)
 
     return jax.vmap(one)(n, s)
-
-
-import os
-_DEBUG = bool(os.environ.get("HOMOFLOW_DEBUG"))
 
 
 def _bucket(k: int) -> int:
@@ -743,7 +774,7 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
                     width = kinks.hi - kinks.lo
                     out = np.where(nu > 1e-12 * max(np.abs(alpha).max(), 1e-300),
                                    np.maximum(kinks.lo - sig, sig - kinks.hi) / width, -1.0)
-                    out = np.where(np.isfinite(out), out, np.inf * (nu > 0))
+                    out = np.where(np.isfinite(out), out, np.where(nu > 0, np.inf, -1.0))
                     sigma = sig
                     worst = np.full(side.shape[1], -np.inf)
                     # only a kink the point sits on changes side; one it is moving to is
@@ -753,9 +784,6 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
                     flip = (out > 1e-9) & (out >= worst[sites[:, 1]])
                 Z_t = np.asarray(_flat_pre(problem, unravel(jnp.asarray(target))))
                 cross = (Z * Z_t < 0) & (side == 0) & working
-                if _DEBUG:
-                    print(f"  inner {inner}: sides {len(sites)} flips {int(flip.sum())} "
-                          f"cross {int(cross.sum())}", flush=True)
                 if flip.any():
                     side[sites[flip, 0], sites[flip, 1]] *= -1
                 elif cross.any():
@@ -775,9 +803,6 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
             z2, m2, c_z2, step2 = _line_search(problem, unravel, x, target2, Z, L)
             if m2 > m:
                 z, m, c_z, step = z2, m2, c_z2, step2
-        if _DEBUG:
-            print(f"polish {it}: margin {m:.15g} step {step:.3g} sides "
-                  f"{0 if side is None else int(np.sum(side != 0))} S {len(S)}", flush=True)
         if not m > margin:
             converged = True
             message = "converged: no step along the linearized solution raises the margin"
@@ -800,8 +825,8 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
 
 # --- convergence report -------------------------------------------------------------------
 
-_REPORT_COLUMNS = ("log_T", "log_loss", "one_minus_beta", "kkt_eps", "kkt_delta",
-                   "normalized_margin", "margin_gap", "path_length")
+_REPORT_COLUMNS = ("log_T", "log_loss", "one_minus_beta", "one_minus_beta_clarke", "kkt_eps",
+                   "kkt_delta", "normalized_margin", "margin_gap", "path_length")
 
 
 def convergence_report(problem: Problem, trajectory, polished: Polished | None = None,
@@ -854,6 +879,8 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
         "log_T": cols["log_T"][after][keep],
         "log_loss": cols["log_loss"][after][keep],
         "one_minus_beta": 1.0 - cols["beta"][after][keep],
+        "one_minus_beta_clarke": 1.0 - (cols["beta_clarke"] if "beta_clarke" in cols else
+                                        np.full(len(cols["beta"]), np.nan))[after][keep],
         "kkt_eps": eps[keep], "kkt_delta": delta[keep],
         "normalized_margin": gamma[keep],
         "margin_gap": (polished.normalized_margin - gamma[keep]) if polished else
@@ -955,7 +982,8 @@ def plot_report(report: dict, path) -> None:
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     for k, label in [("kkt_eps", "ε (KKT)"), ("kkt_delta", "δ (KKT)"),
-                     ("one_minus_beta", "1 − β"), ("margin_gap", "γ̄* − γ̄"),
+                     ("one_minus_beta", "1 − β (autodiff)"),
+                     ("one_minus_beta_clarke", "1 − β (min-norm Clarke)"), ("margin_gap", "γ̄* − γ̄"),
                      ("path_length", "‖Δθ̂‖ per saved step")]:
         v = np.asarray(rows[k], float)
         ok = np.isfinite(v) & (v > 0)

@@ -16,12 +16,14 @@ from homoflow.kkt import (
     kkt_residual,
     lemma_c8_pair,
     linear_predictor,
+    local_optimality,
     nnls,
     nnls_gram,
     polish_kkt,
     svm_reference,
 )
 from homoflow.problem import make_problem
+from homoflow.trajectory import Trajectory
 
 
 def _instances(count=40, seed=0):
@@ -236,6 +238,7 @@ def test_tangent_kernel_svm_direction_matches_the_late_flow_direction_of_a_smoot
     assert pol.normalized_margin >= np.nanmax(traj["normalized_margin"]) - 1e-9
     at_kkt = svm_reference(prob, pol.params, kind="tangent_kernel")
     assert angle(at_kkt.solution, pol.params) < 1e-6
+    assert local_optimality(prob, pol.params).verdict == "local maximum (second order)"
 
 
 def test_multiclass_multi_homogeneous_cnn_residuals_are_certificates_and_shrink():
@@ -272,3 +275,74 @@ def test_bad_input_to_references_and_polish_raises_naming_the_problem():
                          check=False)
     with pytest.raises(ValueError, match="not separable"):
         svm_reference(clash)
+
+
+def _prefix(traj, k):
+    """The first ``k`` saved points of a run, as a Trajectory (what the report saw then)."""
+    return Trajectory({n: v[:k] for n, v in traj.columns.items()},
+                      jax.tree_util.tree_map(lambda a: a[:k], traj.snapshots), dict(traj.meta))
+
+
+def test_the_verdict_reads_the_certificates_and_does_not_flip_on_a_slow_diagonal_net():
+    """A depth-2 diagonal net approaches its l1 KKT point like 1/log t, so the path of theta^
+    per decade shrinks by far less than 2x (measured: 0.58 at log t = 1e4, 0.78 at 1e8) and
+    the old path rule called the same run "not converged". The certificates fall every
+    decade (angle to the polished KKT point 0.16 -> 0.128 rad at 1e4, 0.064 -> 0.049 at
+    1e8; margin gap and eps likewise), and the verdict says so at both ends of the run."""
+    X, y = data.three_norms()
+    prob = make_problem(models.diagonal_linear(3, 2), losses.exponential(), X, y)
+    traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=1e8, n_saves=40,
+                progress=False)
+    for top in (1e4, 1e8):
+        report = convergence_report(prob, _prefix(traj, int(np.sum(traj["log_T"] <= top * 1.001))))
+        assert report["verdict"].startswith("converging"), report["verdict"]
+        assert report["path_last_decade"] > 0.5 * report["path_previous_decade"]
+
+
+def _dead_unit_problem():
+    """Two positive points 150 degrees apart and a negative one opposite their bisector, a
+    width-3 two-layer ReLU net whose third unit starts at exactly zero (so the flow never
+    moves it: its gradient vanishes) — in the spirit of Vardi, Shamir & Srebro (2022)."""
+    c75, s75 = np.cos(np.radians(75)), np.sin(np.radians(75))
+    X = np.array([[1.0, 0.0], [np.cos(np.radians(150)), np.sin(np.radians(150))],
+                  [-c75, -s75]])
+    prob = make_problem(models.mlp((2, 3, 1)), losses.exponential(), X,
+                        np.array([1.0, 1.0, -1.0]))
+    W = np.zeros((2, 3))
+    W[:, 0], W[:, 1] = 0.5 * np.array([c75, s75]) + [0.1, -0.05], -0.5 * np.array([c75, s75])
+    return prob, (jnp.asarray(W), jnp.asarray([[0.5], [-0.5], [0.0]])), c75
+
+
+def test_a_flow_ending_with_a_dead_unit_stops_at_a_kkt_point_that_is_not_a_local_maximum():
+    """The flow ends at the KKT point where one unit covers both positive points: gamma_bar
+    = c / (2 (1 + c)), c = cos 75 deg (r_1^2 c = 1, r_2 = 1). Its multipliers are
+    lambda = 1 / (2c) = 1.93 on the positive points, so regrowing the dead unit along a
+    positive point raises the Lagrangian (gain 1.93 > 1): the verdict is "not a local
+    maximum", and the step plus a re-polish reaches the KKT point with one unit per point,
+    gamma_bar = 1/6 (three balanced units of norm^2 2), itself a second-order local max."""
+    prob, p0, c = _dead_unit_problem()
+    traj = flow(prob, p0, log_t_max=100.0, n_saves=5, progress=False, kkt=False)
+    end = jax.tree_util.tree_map(lambda a: jnp.asarray(a[-1]), traj.snapshots)
+    pol = polish_kkt(prob, end)
+    assert pol.eps <= 1e-10 and abs(pol.delta) <= 1e-10
+    assert pol.normalized_margin == pytest.approx(c / (2 * (1 + c)), rel=1e-9)
+    assert np.all(np.asarray(pol.params[0])[:, 2] == 0.0)        # the unit stayed dead
+    verdict = local_optimality(prob, pol.params)
+    assert verdict.verdict == "not a local maximum", verdict.reason
+    assert "1.93185" in verdict.reason                            # 1 / (2 cos 75 deg)
+    assert verdict.escaped.normalized_margin == pytest.approx(1 / 6, rel=1e-9)
+    assert verdict.gain == pytest.approx((1 / 6) / pol.normalized_margin - 1, rel=1e-8)
+    assert verdict.escaped.eps <= 1e-10
+    assert local_optimality(prob, verdict.escaped.params).verdict == \
+        "local maximum (second order)"
+
+
+def test_the_linear_svm_is_a_second_order_local_maximum_and_a_non_kkt_point_is_not_judged():
+    prob, X, y = _linear_problem()
+    w, _ = hard_margin_svm(X, y)
+    out = local_optimality(prob, (jnp.asarray(w[:, None]),))
+    # q is linear, so the Lagrangian's Hessian is I (curvature 1; inf: no critical direction)
+    assert out.verdict == "local maximum (second order)" and out.min_curvature >= 1 - 1e-12
+    assert local_optimality(prob, (jnp.asarray(w[:, None] + 0.1),)).verdict == "inconclusive"
+    with pytest.raises(ValueError, match="q_min > 0"):
+        local_optimality(prob, (-jnp.asarray(w[:, None]),))
