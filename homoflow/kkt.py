@@ -670,6 +670,17 @@ class Polished(NamedTuple):
     selection: np.ndarray | None = None  # sigma at the kinks under a side constraint
 
 
+def _at_unit_margin(problem: Problem, params, caller: str):
+    """theta~ = theta / q_min^{1/L} (flat, float64), its unravel and constraints (q_min = 1);
+    a ValueError naming ``caller`` where theta does not separate the data."""
+    c = np.asarray(constraints(problem, params))
+    if not c.min() > 0:
+        raise ValueError(f"{caller} needs a separating direction (q_min > 0); got q_min = "
+                         f"{c.min():.6g}")
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(flat, np.float64) * c.min() ** (-1.0 / problem.order), unravel, c / c.min()
+
+
 def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 100,
                rtol: float = 1e-13, curvature: bool = False) -> Polished:
     """Solve (P) locally from a late direction, to find the KKT point the run is heading to.
@@ -698,11 +709,8 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
     exact Clarke-KKT point of (P): the subproblem's multipliers are (P)'s. Its residual
     is reported from ``kkt_residual`` (the Clarke set on kinked models)."""
     L = problem.order
-    c0 = np.asarray(constraints(problem, params))
-    if not c0.min() > 0:
-        raise ValueError(f"polish_kkt needs a separating direction (q_min > 0); got q_min = "
-                         f"{c0.min():.6g}")
-    flat0, unravel = ravel_pytree(params)
+    x, unravel, c = _at_unit_margin(problem, params, "polish_kkt")
+    flat0 = ravel_pytree(params)[0]
     kinks = problem.model.kinks
     point = _point_of(problem)
 
@@ -714,9 +722,7 @@ def polish_kkt(problem: Problem, params, *, slack: float = 1.0, max_iter: int = 
                                jnp.asarray(pad[:, 1]))
         return np.asarray(rows)[:k]
 
-    x = np.asarray(flat0, np.float64) * c0.min() ** (-1.0 / L)
     margin = float(np.linalg.norm(x)) ** (-L)
-    c = c0 / c0.min()
     start_margin, converged, it = margin, False, 0
     message = f"stopped after max_iter = {max_iter} steps"
     lam_prev, side, sigma, slope_prev = None, None, np.zeros(0), None
@@ -1267,14 +1273,8 @@ def local_optimality(problem: Problem, params, *, dead_tol: float = 1e-6,
        all active constraints: "not a local maximum" after the same verification.
     Otherwise "inconclusive", with the reason."""
     L = problem.order
-    c = np.asarray(constraints(problem, params))
-    if not c.min() > 0:
-        raise ValueError(f"local_optimality needs a separating point (q_min > 0); got q_min "
-                         f"= {c.min():.6g}")
-    flat, unravel = ravel_pytree(params)
-    flat = np.asarray(flat) * c.min() ** (-1.0 / L)
+    flat, unravel, c = _at_unit_margin(problem, params, "local_optimality")
     theta = unravel(jnp.asarray(flat))
-    c = c / c.min()
     gamma = float(np.linalg.norm(flat)) ** (-L)
     r = kkt_residual(problem, theta)
     lam_used, index = np.asarray(r.lam), np.asarray(r.index)
