@@ -174,7 +174,8 @@ def test_a_near_kink_counts_as_a_kink_only_within_the_tolerance():
 def test_kkt_columns_record_the_tolerance_and_the_number_of_kinks():
     prob, theta, _ = _two_layer_kink_point()
     cols = kkt.kkt_columns(prob, theta, kink_tol=1e-9)
-    assert set(cols) == {"kkt_eps", "kkt_delta", "kkt_eps_lower", "kkt_kink_tol", "kkt_n_kinks"}
+    assert set(cols) == {"kkt_eps", "kkt_delta", "kkt_eps_lower", "kkt_kink_tol", "kkt_n_kinks",
+                         "beta_clarke"}
     assert float(cols["kkt_kink_tol"]) == 1e-9 and int(cols["kkt_n_kinks"]) == 2
     assert float(cols["kkt_eps"]) <= 1e-10
 
