@@ -145,6 +145,7 @@ def test_beta_of_the_minimum_norm_clarke_element_is_the_flows_velocity(relu_flow
     assert np.all(1 - traj["beta"][i][-3:] > 10 * (1 - b[-3:]))
 
 
+@pytest.mark.slow  # see test_beta_of_the_minimum_norm_clarke_element_is_the_flows_velocity
 def test_clarke_kkt_residual_along_the_flow_matches_an_independent_solve_and_falls(relu_flow):
     """At phase-2 saved points of the sliding ReLU flow (kinks at z = 0 to rounding), the
     Clarke residual (``kkt_residual``, jitted IPM plus active-set refinement) equals an
