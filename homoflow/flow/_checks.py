@@ -17,3 +17,13 @@ def _finite_at_least(name: str, value, low: float, strict: bool) -> float:
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, "
                          f"got {value!r}")
     return v
+
+
+def _tolerances(prefix: str, rtol, atol) -> tuple[float, float]:
+    """(rtol, atol) as floats, each finite and >= 0 and not both 0 (no step could be
+    accepted), or a ValueError naming the bad value (``prefix`` names the solver)."""
+    r = _finite_at_least(f"{prefix}rtol", rtol, 0.0, False)
+    a = _finite_at_least(f"{prefix}atol", atol, 0.0, False)
+    if r == 0.0 and a == 0.0:
+        raise ValueError(f"{prefix}rtol and atol are both 0: no step could be accepted")
+    return r, a

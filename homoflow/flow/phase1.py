@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 
-from ._checks import _finite_at_least
+from ._checks import _finite_at_least, _tolerances
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,7 @@ class Phase1Config:
     max_steps: int = 1_000_000
 
     def __post_init__(self):
-        rtol = _finite_at_least("rtol", self.rtol, 0.0, False)
-        atol = _finite_at_least("atol", self.atol, 0.0, False)
-        if rtol == 0.0 and atol == 0.0:
-            raise ValueError("rtol and atol are both 0: no step could be accepted")
+        rtol, atol = _tolerances("", self.rtol, self.atol)
         t0_limit = _finite_at_least("t0_limit", self.t0_limit, 0.0, True)
         try:
             max_steps = operator.index(self.max_steps)

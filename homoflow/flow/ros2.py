@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ..problem import Problem
 from .polar import (NONFINITE, NOT_RADIAL, OK, STEP_UNDERFLOW, PolarPoint, PolarState,
                     _field, _field_only, _log_smoothed_of, _speed_rate)
-from ._checks import _finite_at_least
+from ._checks import _finite_at_least, _tolerances
 from .sliding import _capture, _settle
 
 _ROS2_GAMMA = 1.0 + 1.0 / math.sqrt(2.0)
@@ -51,10 +51,7 @@ class PolarConfig:
     stiff_ref: float = math.inf
 
     def __post_init__(self):
-        rtol = _finite_at_least("polar rtol", self.rtol, 0.0, False)
-        atol = _finite_at_least("polar atol", self.atol, 0.0, False)
-        if rtol == 0.0 and atol == 0.0:
-            raise ValueError("polar rtol and atol are both 0: no step could be accepted")
+        rtol, atol = _tolerances("polar ", self.rtol, self.atol)
         h_max = _finite_at_least("h_max", self.h_max, 0.0, True)
         try:
             stiff_ref = float(self.stiff_ref)
