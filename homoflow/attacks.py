@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .problem import class_gaps as gaps_and_mask
+
 
 class AttackResult(NamedTuple):
     distance: np.ndarray    # ||x_adv - x||_2 per point; 0 if misclassified, inf if none found
@@ -39,9 +41,7 @@ def multiclass_margin(outputs: jax.Array, y: jax.Array) -> jax.Array:
     """m_n = Phi_y - max_{j != y} Phi_j for (N, C) outputs, y_n Phi_n for (N,) outputs."""
     if outputs.ndim == 1:
         return y * outputs
-    mask = jax.nn.one_hot(y, outputs.shape[1], dtype=bool)
-    own = jnp.sum(jnp.where(mask, outputs, 0.0), axis=1)
-    return own - jnp.max(jnp.where(mask, -jnp.inf, outputs), axis=1)
+    return jnp.min(class_gaps(outputs, y), axis=1)
 
 
 def _norms(d):
@@ -76,9 +76,7 @@ def class_gaps(outputs: jax.Array, y: jax.Array) -> jax.Array:
     """s_nj = Phi_y - Phi_j, +inf at j = y (shape (N, C)); binary outputs give (N, 1) = y Phi."""
     if outputs.ndim == 1:
         return (y * outputs)[:, None]
-    mask = jax.nn.one_hot(y, outputs.shape[1], dtype=bool)
-    s = jnp.take_along_axis(outputs, y[:, None], axis=1) - outputs
-    return jnp.where(mask, jnp.inf, s)
+    return gaps_and_mask(outputs, y, jnp.inf)[0]
 
 
 def _polish(apply, params, y, x, x_adv, found, box, steps, bisect_iters):
@@ -245,9 +243,8 @@ def certified_radius(model, params, X, y) -> np.ndarray:
     else:
         diff = W_out[:, y].T[:, :, None] - W_out[None, :, :]  # (N, H, C): w_y - w_j
         lip = K * jnp.linalg.norm(diff, axis=1)
-        s = jnp.take_along_axis(out, y[:, None], axis=1) - out
-        mask = jax.nn.one_hot(y, out.shape[1], dtype=bool)
-        r = jnp.min(jnp.where(mask, jnp.inf, s / jnp.where(mask, 1.0, lip)), axis=1)
+        s, mask = gaps_and_mask(out, y, jnp.inf)
+        r = jnp.min(s / jnp.where(mask, 1.0, lip), axis=1)
     return np.asarray(jnp.maximum(r, 0.0))
 
 

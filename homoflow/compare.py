@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from .kkt import angle
 from .trajectory import Trajectory
 
 
@@ -37,9 +38,8 @@ def align(descent_traj: Trajectory, flow_traj: Trajectory) -> dict:
             a = (t - lf[j - 1]) / (lf[j] - lf[j - 1])
             theta = (1 - a) * flat_f[j - 1] + a * flat_f[j]
             gamma = (1 - a) * gf[j - 1] + a * gf[j]
-        cos = flat_d[i] @ theta / (np.linalg.norm(flat_d[i]) * np.linalg.norm(theta))
         out["log_T"].append(t)
         out["param_distance"].append(np.linalg.norm(flat_d[i] - theta))
-        out["angle"].append(float(np.arccos(np.clip(cos, -1.0, 1.0))))
+        out["angle"].append(angle(flat_d[i], theta))  # accurate near 0, unlike arccos(cos)
         out["margin_gap"].append(descent_traj["normalized_margin"][i] - gamma)
     return {k: np.asarray(v) for k, v in out.items()}

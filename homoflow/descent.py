@@ -9,7 +9,6 @@ progress bar and stop cleanly. L, T = sum eta and eta are carried as logs: a ste
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import warnings
@@ -20,17 +19,52 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .diagnostics import diagnostics, global_norm, tree_dot
+from .diagnostics import diagnostics, global_norm, log_phi, tree_dot
 from .geometry import inv_p, lp_columns_jit, sharpness_jit
 from .kkt import kkt_columns
 from .problem import Problem
 from .schedules import Policy, T0Info, constant, optax_log_lr
 from .trajectory import RunStopped, Trajectory, package_versions
 
-# status codes of the loop
-OK, NONFINITE_PARAMS, NONFINITE_LOSS, DIVERGED, STALLED = 0, 1, 2, 3, 4
-_STATUS = {OK: "completed", NONFINITE_PARAMS: "nonfinite_params",
-           NONFINITE_LOSS: "nonfinite_loss", DIVERGED: "diverged", STALLED: "stalled"}
+# status codes of the loop (``status_name``); RUNNING means "no reason to stop"
+RUNNING, NONFINITE_PARAMS, NONFINITE_LOSS, DIVERGED, STALLED, FROZEN, FLOAT64_EXHAUSTED = range(7)
+_NAMES = {RUNNING: "completed", NONFINITE_PARAMS: "nonfinite_params",
+          NONFINITE_LOSS: "nonfinite_loss", DIVERGED: "diverged", STALLED: "stalled",
+          FROZEN: "frozen", FLOAT64_EXHAUSTED: "float64_exhausted"}
+# statuses that end a run with an error (``RunStopped``); the others are honest endings
+ERRORS = ("nonfinite_params", "nonfinite_loss", "diverged", "stalled")
+# a loss-based stall after an accepted step that lowered log L by at most this many float64
+# spacings of log L is float64's limit, not the scheduler's (``_verdict``)
+_RESOLUTION_SPACINGS = 1024.0
+
+
+def status_name(code) -> str:
+    """The status string of a loop status code (``DescentState.status``)."""
+    return _NAMES[int(code)]
+
+
+class StepConfig(NamedTuple):
+    """Static settings of a descent step (hashable: a jit static argument); build it with
+    ``step_config``, which validates them."""
+    log_t0: float                          # t0 is the first iterate with log L below this
+    batch_size: int | None = None          # None: full-batch GD; else SGD epochs
+    log_divergence: float = math.log(1e4)  # stop when log L > its minimum + this
+
+
+def step_config(problem: Problem, *, batch_size: int | None = None,
+                divergence_factor: float = 1e4, t0_log_loss: float | None = None) -> StepConfig:
+    """Validated ``StepConfig``: t0 threshold (default log l(b_f)), batch size, divergence."""
+    if batch_size is not None:
+        if not 1 <= int(batch_size) <= problem.n:
+            raise ValueError(f"batch_size must be in 1..N = {problem.n}, got {batch_size}")
+        batch_size = int(batch_size)
+    log_t0 = problem.loss.log_threshold if t0_log_loss is None else float(t0_log_loss)
+    if not log_t0 <= problem.loss.log_threshold:
+        raise ValueError(f"t0_log_loss = {t0_log_loss} is above the separability threshold "
+                         f"log l(b_f) = {problem.loss.log_threshold:.6g}")
+    if not divergence_factor > 1:
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
+    return StepConfig(log_t0, batch_size, math.log(divergence_factor))
 
 
 class DescentState(NamedTuple):
@@ -45,21 +79,26 @@ class DescentState(NamedTuple):
     log_lr: jax.Array          # log eta of the last accepted iteration
     policy_state: Any
     opt_state: Any
-    t0: T0Info
-    t0_step: jax.Array         # -1 until the run crosses log l(b_f)
+    t0: T0Info                 # log_phi NaN while pending (``settle_t0``)
+    t0_step: jax.Array         # -1 until the run crosses the t0 threshold
     key: jax.Array
     status: jax.Array
     bad_step: jax.Array        # iteration at which status became non-zero
+    last_gain: jax.Array       # log L decrease of the last accepted step
+    overflowed: jax.Array      # a candidate of the current retry streak was non-finite
 
 
 def _tree_axpy(a, x, y):
     return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
 
 
-def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int, direction=None):
-    """One epoch of mini-batch SGD: each step subtracts exp(log_scale + log L^_B) grad log L^_B,
-    L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss (``direction``
-    maps the gradient to a steepest-descent direction, ``geometry.steepest_direction``)."""
+def _sgd_epoch(problem: Problem, params, log_base, offset, key, batch_size: int,
+               direction=None):
+    """One epoch of mini-batch SGD: each step subtracts exp(log_base + (log L^_B - offset))
+    grad log L^_B, L^_B = (N/B) sum_{n in B} l(q_n) the batch estimate of the full loss
+    (``direction`` maps the gradient to a steepest-descent direction,
+    ``geometry.steepest_direction``). A policy with a ``log_scale`` passes log alpha and
+    offset = log L (the step alpha (L^_B / L) grad log L^_B); the others log eta and 0."""
     n_batches = problem.n // batch_size
     perm = jax.random.permutation(key, problem.n)[: n_batches * batch_size]
     log_ratio = math.log(problem.n / batch_size)
@@ -67,56 +106,88 @@ def _sgd_epoch(problem: Problem, params, log_scale, key, batch_size: int, direct
     def one(p, idx):
         log_lb, g = jax.value_and_grad(lambda z: problem.subset(idx).log_loss(z))(p)
         g = g if direction is None else direction(g)
-        return _tree_axpy(-jnp.exp(log_scale + log_lb + log_ratio), g, p), None
+        return _tree_axpy(-jnp.exp(log_base + (log_lb - offset) + log_ratio), g, p), None
 
     params, _ = jax.lax.scan(one, params, perm.reshape(n_batches, batch_size))
     return params, n_batches
 
 
+def _radial(problem, s: DescentState, batch_size):
+    """<theta_hat, -grad log L> at the current iterate (a jvp where no gradient is carried)."""
+    if batch_size is None:
+        dot = tree_dot(s.params, s.grad)
+    else:
+        dot = jax.jvp(problem.log_loss, (s.params,), (s.params,))[1]
+    return -dot / global_norm(s.params)
+
+
 def _propose(problem, policy: Policy, batch_size, s: DescentState, key):
-    """The candidate parameters of one attempt: (params, log eta, updates made, opt state)."""
+    """The candidate of one attempt: (params, log eta, updates made, opt state, policy state)."""
     if policy.optimizer is not None:
         log_loss, g = jax.value_and_grad(problem.log_loss)(s.params)
         if policy.objective == "loss":
             g = jax.tree_util.tree_map(lambda x: jnp.exp(log_loss) * x, g)
         updates, opt_state = policy.optimizer.update(g, s.opt_state, s.params)
         return (jax.tree_util.tree_map(jnp.add, s.params, updates), optax_log_lr(s.opt_state),
-                1, opt_state)
-    log_lr = policy.log_lr(s.policy_state, s.log_loss, s.t0, problem.order)
+                1, opt_state, s.policy_state)
+    pstate = s.policy_state
+    if policy.limit is not None:
+        pstate = policy.limit(pstate, _radial(problem, s, batch_size))
+    log_scale, log_lr = policy.step_logs(pstate, s.log_loss, s.t0, problem.order)
     # steepest descent (``schedules.steepest``): d(grad L) = L d(grad log L), d 1-homogeneous
     direction = None if policy.direction is None else \
-        (lambda g: policy.direction(s.policy_state, g))
+        (lambda g: policy.direction(pstate, g))
     if batch_size is None:
         g = s.grad if direction is None else direction(s.grad)
-        return _tree_axpy(-jnp.exp(log_lr + s.log_loss), g, s.params), log_lr, 1, s.opt_state
-    params, n_updates = _sgd_epoch(problem, s.params, log_lr, key, batch_size, direction)
-    return params, log_lr, n_updates, s.opt_state
+        return _tree_axpy(-jnp.exp(log_scale), g, s.params), log_lr, 1, s.opt_state, pstate
+    base, offset = (log_lr, 0.0) if policy.log_scale is None else (log_scale, s.log_loss)
+    params, n_updates = _sgd_epoch(problem, s.params, base, offset, key, batch_size, direction)
+    return params, log_lr, n_updates, s.opt_state, pstate
 
 
-def _verdict(policy: Policy, divergence_log_factor, s: DescentState, new_log_loss, params_ok):
-    """(accepted, consecutive failures, status) of an attempt."""
+def _unchanged(new, old) -> jax.Array:
+    """True when every parameter is bitwise equal: the update fell below float64's spacing."""
+    leaves = [jnp.all(a == b) for a, b in zip(jax.tree_util.tree_leaves(new),
+                                              jax.tree_util.tree_leaves(old))]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _verdict(policy: Policy, config: StepConfig, s: DescentState, new_log_loss, params_ok,
+             frozen):
+    """(accepted, consecutive failures, status, a candidate of the streak overflowed)."""
     loss_ok = jnp.isfinite(new_log_loss)
     if policy.retry:  # the loss-based scheduler: accept decreases, back off otherwise
         accepted = params_ok & loss_ok & (new_log_loss < s.log_loss)
         fails = jnp.where(accepted, 0, s.fails + 1)
-        return accepted, fails, jnp.where(fails > policy.max_retries, STALLED, OK)
-    status = jnp.where(~params_ok, NONFINITE_PARAMS, jnp.where(~loss_ok, NONFINITE_LOSS, OK))
-    blew_up = new_log_loss > s.min_log_loss + divergence_log_factor
-    status = jnp.where((status == OK) & blew_up, DIVERGED, status)
-    return status == OK, s.fails, status
+        overflowed = ~accepted & (s.overflowed | ~params_ok | ~loss_ok)
+        # a stall after steps that float64 could barely resolve, or after candidates that
+        # left its range, is float64's limit, not the scheduler's
+        spacing = jnp.abs(jnp.spacing(s.log_loss))
+        exhausted = overflowed | (s.last_gain <= _RESOLUTION_SPACINGS * spacing)
+        status = jnp.where(fails > policy.max_retries,
+                           jnp.where(exhausted, FLOAT64_EXHAUSTED, STALLED), RUNNING)
+        return accepted, fails, status, overflowed
+    status = jnp.where(~params_ok, NONFINITE_PARAMS, jnp.where(~loss_ok, NONFINITE_LOSS, RUNNING))
+    blew_up = new_log_loss > s.min_log_loss + config.log_divergence
+    status = jnp.where((status == RUNNING) & blew_up, DIVERGED, status)
+    status = jnp.where((status == RUNNING) & frozen, FROZEN, status)
+    return status == RUNNING, s.fails, status, s.overflowed
 
 
-def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_threshold,
-             s: DescentState, update_t0: bool = True):
-    """One attempt at an iteration; returns the next state.
+def attempt(problem: Problem, policy: Policy, config: StepConfig,
+            s: DescentState) -> DescentState:
+    """One attempt at an iteration (pure; jit and vmap freely); returns the next state.
 
-    ``update_t0=False`` leaves ``t0`` for the caller to fill in at the crossing (t0_step is
-    set as usual): under ``vmap`` the ``lax.cond`` below turns into a select that would
-    evaluate phi(L(t0)) at every step, so ``homoflow.sweep`` evaluates it once per crossing.
+    At the iteration that crosses the t0 threshold it records t0's loss and norm and leaves
+    phi(L(t0)) pending (NaN) for ``settle_t0``. ``step`` does both; a vmapped caller can
+    instead run ``settle_t0`` under one ``lax.cond`` for the whole batch (phi costs a
+    4096-point integral, which vmap of a cond would evaluate at every step).
     """
+    batch_size = config.batch_size
     # only SGD draws random batches; threefry costs ~1 us, so GD leaves the key alone
     key, sub = jax.random.split(s.key) if batch_size is not None else (s.key, s.key)
-    new_params, log_lr, n_updates, opt_state = _propose(problem, policy, batch_size, s, sub)
+    new_params, log_lr, n_updates, opt_state, pstate = _propose(problem, policy, batch_size,
+                                                                s, sub)
     carry_grad = batch_size is None and policy.optimizer is None
     if carry_grad and policy.retry:
         # forward pass now; the backward pass only if the step is accepted (below)
@@ -129,8 +200,10 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
     # one reduction serves both checks: ||theta||^2 is finite iff every entry is (and
     # rho has not overflowed), and it gives rho(t0) at the crossing
     sq_norm = tree_dot(new_params, new_params)
-    accepted, fails, status = _verdict(policy, divergence_log_factor, s, new_log_loss,
-                                       jnp.isfinite(sq_norm))
+    # a retrying policy rejects an unchanged candidate anyway (its loss did not decrease)
+    frozen = jnp.asarray(False) if policy.retry else _unchanged(new_params, s.params)
+    accepted, fails, status, overflowed = _verdict(policy, config, s, new_log_loss,
+                                                   jnp.isfinite(sq_norm), frozen)
     pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)
 
     # the gradient at the new point is reused by the next step
@@ -141,71 +214,143 @@ def _attempt(problem, policy: Policy, batch_size, divergence_log_factor, log_t0_
         new_grad = pick(new_grad, s.grad)
     else:
         new_grad = ()
-    step = s.step + accepted
-    crossed = accepted & (s.t0_step < 0) & (new_log_loss < log_t0_threshold)
+    step_ = s.step + accepted.astype(s.step.dtype)
+    crossed = accepted & (s.t0_step < 0) & (new_log_loss < config.log_t0)
+    pending = T0Info(new_log_loss, 0.5 * jnp.log(sq_norm), jnp.full_like(new_log_loss, jnp.nan))
     return DescentState(
         params=pick(new_params, s.params),
         log_loss=jnp.where(accepted, new_log_loss, s.log_loss),
         grad=new_grad,
         min_log_loss=jnp.where(accepted, jnp.minimum(s.min_log_loss, new_log_loss), s.min_log_loss),
-        step=step,
+        step=step_,
         attempts=s.attempts + 1,
         fails=fails,
         log_T=jnp.where(accepted, jnp.logaddexp(s.log_T, log_lr + math.log(n_updates)), s.log_T),
         log_lr=jnp.where(accepted, log_lr, s.log_lr),
-        policy_state=policy.update(s.policy_state, accepted),
+        policy_state=policy.update(pstate, accepted),
         opt_state=pick(opt_state, s.opt_state),
-        # phi(L(t0)) costs a 4096-point integral: evaluated once, at the crossing (lax.cond
-        # also measured faster here than selecting with jnp.where)
-        t0=jax.lax.cond(crossed, lambda: T0Info.at(new_log_loss, 0.5 * jnp.log(sq_norm),
-                                                   problem.order),
-                        lambda: s.t0) if update_t0 else s.t0,
-        t0_step=jnp.where(crossed, step, s.t0_step),
+        t0=jax.tree_util.tree_map(lambda a, b: jnp.where(crossed, a, b), pending, s.t0),
+        t0_step=jnp.where(crossed, step_, s.t0_step),
         key=key,
         status=status,
-        bad_step=jnp.where(status != OK, s.step + 1, s.bad_step),
+        bad_step=jnp.where(status != RUNNING, s.step + 1, s.bad_step),
+        last_gain=jnp.where(accepted, s.log_loss - new_log_loss, s.last_gain),
+        overflowed=overflowed,
     )
 
 
-def initial_state(problem: Problem, params0, policy: Policy, policy_state, key,
-                  batch_size: int | None, log_t0: float) -> DescentState:
-    """The loop state at iteration 0 (pure: ``homoflow.sweep`` vmaps it over parameters,
-    policy states and keys). t0 is iteration 0 if log L(params0) < ``log_t0`` already."""
+def t0_pending(s: DescentState) -> jax.Array:
+    """True where the run has crossed t0 but phi(L(t0)) is not computed yet."""
+    return (s.t0_step >= 0) & jnp.isnan(s.t0.log_phi)
+
+
+def settle_t0(s: DescentState, order: float) -> DescentState:
+    """Fill in phi(L(t0)) (Appendix E.2) where ``t0_pending`` (pure). It evaluates the
+    integral unconditionally: call it under a ``lax.cond`` on ``t0_pending`` (``step``)."""
+    phi = log_phi(-s.t0.log_loss, -s.t0.log_loss, order)
+    return s._replace(t0=s.t0._replace(log_phi=jnp.where(t0_pending(s), phi, s.t0.log_phi)))
+
+
+def step(problem: Problem, policy: Policy, config: StepConfig, s: DescentState) -> DescentState:
+    """One attempt (``attempt``) and, at the crossing, t0's phi (``settle_t0``)."""
+    s = attempt(problem, policy, config, s)
+    return jax.lax.cond(t0_pending(s), lambda: settle_t0(s, problem.order), lambda: s)
+
+
+def init(problem: Problem, params0, policy: Policy, config: StepConfig, key,
+         policy_state=None) -> DescentState:
+    """The loop state at iteration 0 (pure; jit and vmap over parameters, policy states and
+    keys). ``policy_state`` defaults to ``policy.init()``. t0 is iteration 0 if
+    log L(params0) is already below the t0 threshold."""
+    policy_state = policy.init() if policy_state is None else policy_state
     log_loss0, grad0 = jax.value_and_grad(problem.log_loss)(params0)
-    if batch_size is not None or policy.optimizer is not None:
+    if config.batch_size is not None or policy.optimizer is not None:
         grad0 = ()
     nan = jnp.full_like(log_loss0, jnp.nan)
-    past = log_loss0 < log_t0
-    at = lambda: T0Info.at(log_loss0, jnp.log(global_norm(params0)), problem.order)
-    if isinstance(past, jax.core.Tracer):  # traced (the sweep): a cond
-        t0 = jax.lax.cond(past, at, lambda: T0Info(nan, nan, nan))
-    else:  # eager (descent): an eager cond would compile at every call
-        t0 = at() if bool(past) else T0Info(nan, nan, nan)
-    return DescentState(
+    past = log_loss0 < config.log_t0
+    t0 = T0Info(jnp.where(past, log_loss0, nan),
+                jnp.where(past, jnp.log(global_norm(params0)), nan), nan)
+    s = DescentState(
         params=params0, log_loss=log_loss0, grad=grad0, min_log_loss=log_loss0,
         step=jnp.asarray(0), attempts=jnp.asarray(0), fails=jnp.asarray(0),
-        log_T=jnp.asarray(-jnp.inf), log_lr=nan, policy_state=policy_state,
+        log_T=jnp.full_like(log_loss0, -jnp.inf), log_lr=nan, policy_state=policy_state,
         opt_state=policy.optimizer.init(params0) if policy.optimizer is not None else (),
         t0=t0, t0_step=jnp.where(past, 0, -1), key=key,
-        status=jnp.asarray(OK), bad_step=jnp.asarray(-1))
+        status=jnp.asarray(RUNNING), bad_step=jnp.asarray(-1),
+        last_gain=jnp.full_like(log_loss0, jnp.inf), overflowed=jnp.asarray(False))
+    return jax.lax.cond(t0_pending(s), lambda: settle_t0(s, problem.order), lambda: s)
 
 
-@functools.lru_cache(maxsize=64)
-def _make_advance(policy, batch_size, divergence_log_factor, log_t0_threshold):
-    @jax.jit
-    def advance(problem, state, n_iterations):
-        target = state.step + n_iterations
+def advance_loop(problem: Problem, policy: Policy, config: StepConfig, state: DescentState,
+                 n_iterations) -> DescentState:
+    """``n_iterations`` more accepted iterations of ``step`` in a ``lax.while_loop`` (fewer
+    if the run stops: ``state.status``); ``advance`` is this, jitted."""
+    target = state.step + n_iterations
+    return jax.lax.while_loop(lambda s: (s.step < target) & (s.status == RUNNING),
+                              lambda s: step(problem, policy, config, s), state)
 
-        def cond(s):
-            return (s.step < target) & (s.status == OK)
 
-        def body(s):
-            return _attempt(problem, policy, batch_size, divergence_log_factor,
-                            log_t0_threshold, s)
+# one compiled program per (model, policy object, config): the trip count and every numeric
+# hyperparameter are traced
+advance = jax.jit(advance_loop, static_argnums=(1, 2))
+_init = jax.jit(init, static_argnums=(2, 3))
 
-        return jax.lax.while_loop(cond, body, state)
 
-    return advance
+def engine_columns(s: DescentState) -> dict:
+    """The engine's own Trajectory columns of a state (arrays for a batch of states): step,
+    attempts, log_T, log_lr. A row is these and ``Diagnostics.columns()``."""
+    return {"step": s.step, "attempts": s.attempts, "log_T": s.log_T, "log_lr": s.log_lr}
+
+
+def outcome(problem: Problem, policy: Policy, code: int, *, step: int, bad_step: int,
+            log_loss: float, min_log_loss: float, log_T: float, grad_norm: float,
+            steps: int, divergence_factor: float = 1e4) -> tuple[str, str]:
+    """(status, message) of a finished run: the one place a descent status is decided.
+
+    A run whose loss never fell below l(b_f) is "not_separated" whatever ended it, with the
+    evidence: where log L stopped and the size of grad log L there. Errors of the step size
+    (``ERRORS``) say what went wrong and where; "frozen" and "float64_exhausted" say when
+    float64 ended the run's progress."""
+    name = status_name(code)
+    thr = problem.loss.log_threshold
+    at = f"at iteration {bad_step}"
+    if name in ("completed", "stalled", "frozen", "float64_exhausted") and min_log_loss >= thr:
+        why = {"completed": f"in {steps} iterations",
+               "stalled": f"and no step size lowered it further ({policy.max_retries} retries "
+                          f"{at}): log L is at its floor",
+               "frozen": f"and the updates stopped changing the parameters {at}",
+               "float64_exhausted": f"and float64 stopped resolving its changes {at}"}[name]
+        still = " -> 0: a stationary point of L" if grad_norm < 1e-6 else ""
+        return "not_separated", (
+            f"the loss never fell below the separability threshold l(b_f) = exp({thr:.6g}) "
+            f"{why} (final log L = {log_loss:.6g}, ||grad log L|| = {grad_norm:.3g}{still}): "
+            f"the data were not separated, so no margin claim applies to this run")
+    if name == "completed":
+        return name, f"completed {step} iterations"
+    if name == "nonfinite_params":
+        return name, f"the parameters became non-finite (NaN/inf) {at}; the step size is too large"
+    if name == "nonfinite_loss":
+        return name, f"log L became non-finite {at}; the step size is too large"
+    if name == "diverged":
+        return name, (f"the loss blew up {at}: it rose above {divergence_factor:g} times its "
+                      f"smallest value so far (log L was {min_log_loss:.6g}); policy "
+                      f"{policy.name} {policy.config} makes gradient descent diverge, use a "
+                      f"smaller step")
+    if name == "frozen":
+        return name, (f"the update {at} changed no parameter (log T = {log_T:.6g}, log L = "
+                      f"{log_loss:.6g}): every entry of the step fell below float64's spacing "
+                      f"of theta, so the run cannot move at this step size; stopped there")
+    if name == "float64_exhausted":
+        return name, (f"float64 exhausted {at} (log T = {log_T:.6g}, log L = {log_loss:.6g}): "
+                      f"the last accepted step changed log L by at most "
+                      f"{_RESOLUTION_SPACINGS:g} of its float64 spacings "
+                      f"({abs(float(np.spacing(log_loss))):.3g}) or a larger step left "
+                      f"float64's range, so no step size lowers the loss measurably: the "
+                      f"margins are beyond float64's resolution")
+    return name, (f"the loss-based scheduler failed to decrease the loss in "
+                  f"{policy.max_retries} consecutive retries {at} (log L = {log_loss:.6g}, "
+                  f"||grad log L|| = {grad_norm:.3g}): the step is not a descent direction "
+                  f"there (e.g. at a kink of the model)")
 
 
 def record_grid(steps: int, n_points: int = 200) -> np.ndarray:
@@ -257,33 +402,25 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     ``sharpness=True`` adds ``sharpness`` (top eigenvalue of hess L) and
     ``log_curvature`` (``geometry.sharpness``: Lanczos on Hessian-vector products).
     """
-    if batch_size is not None:
-        if not 1 <= int(batch_size) <= problem.n:
-            raise ValueError(f"batch_size must be in 1..N = {problem.n}, got {batch_size}")
-        batch_size = int(batch_size)
-    log_t0 = problem.loss.log_threshold if t0_log_loss is None else float(t0_log_loss)
-    if log_t0 > problem.loss.log_threshold:
-        raise ValueError(f"t0_log_loss = {t0_log_loss} is above the separability threshold "
-                         f"log l(b_f) = {problem.loss.log_threshold:.6g}")
-    if not divergence_factor > 1:
-        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}")
+    cfg = step_config(problem, batch_size=batch_size, divergence_factor=divergence_factor,
+                      t0_log_loss=t0_log_loss)
+    batch_size, log_t0 = cfg.batch_size, cfg.log_t0
     ip = None if margin_norm is None else inv_p(margin_norm)
     key = jax.random.PRNGKey(0) if key is None else key
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
-    state = initial_state(problem, params0, policy, policy.init(), key, batch_size, log_t0)
+    state = _init(problem, params0, policy, cfg, key)
     if not jnp.isfinite(state.log_loss):
         raise ValueError(f"the initial loss is not finite (log L = {float(state.log_loss)})")
 
-    advance = _make_advance(policy, batch_size, math.log(divergence_factor), log_t0)
     rows, snaps = [], []
+    last_grad_norm = [math.nan]
     start = time.perf_counter()
 
     def record(s: DescentState):
         d = _record(problem, s.params, s.t0.log_loss, support_decades)
         row = d.columns()
-        row.update(step=int(s.step), attempts=int(s.attempts), log_T=float(s.log_T),
-                   log_lr=float(s.log_lr),
-                   separated=bool(d.log_loss < problem.loss.log_threshold))
+        row.update({k: np.asarray(v) for k, v in engine_columns(s).items()})
+        last_grad_norm[0] = float(d.grad_norm_log_loss)
         if kkt:
             row.update({k: float(v) for k, v in kkt_columns(problem, s.params).items()})
         if ip is not None:
@@ -302,20 +439,19 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     grid = record_grid(steps, n_records) if record_at is None else _checked_grid(record_at, steps)
     bar = tqdm(total=steps, disable=not progress, unit="it", leave=False, mininterval=0.5)
     for target in grid[1:]:
-        while int(state.step) < target and int(state.status) == OK:
+        while int(state.step) < target and int(state.status) == RUNNING:
             n = int(min(target - int(state.step), chunk))
             before = int(state.step)
-            state = advance(problem, state, jnp.asarray(n))
+            state = advance(problem, policy, cfg, state, jnp.asarray(n))
             bar.update(int(state.step) - before)
             bar.set_postfix(log10_loss=f"{float(state.log_loss) / math.log(10):.4g}")
-        if int(state.status) != OK:
+        if int(state.status) != RUNNING:
             break
         if record(state):
             hook_stop = int(state.step)
             break
     bar.close()
 
-    status = _STATUS[int(state.status)]
     meta = {
         "engine": "descent", "policy": policy.name, "policy_config": policy.config,
         "batch_size": batch_size, "steps": steps, "config": config or {},
@@ -329,32 +465,30 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                           else key).tolist(),
     }
-    if status != "completed":
-        if not rows or rows[-1]["step"] != int(state.step):
-            record(state)  # the last good state: nothing computed is lost
-        meta["wall_time_s"] = time.perf_counter() - start
-        message = _stop_message(int(state.status), int(state.bad_step), state, policy,
-                                divergence_factor)
-        meta.update(status=status, message=message, stopped_at_step=int(state.bad_step))
-        raise RunStopped(message, Trajectory.from_rows(rows, snaps, meta), int(state.bad_step),
-                         status)
-    if float(state.min_log_loss) >= problem.loss.log_threshold:
-        status = "not_separated"
-        message = (f"the loss never fell below the separability threshold l(b_f) = "
-                   f"exp({problem.loss.log_threshold:.6g}) in {steps} iterations "
-                   f"(final log L = {float(state.log_loss):.6g}): the data were not separated, "
-                   f"so no margin claim applies to this run")
-        warnings.warn(message, stacklevel=2)
-    else:
-        done = steps if hook_stop is None else hook_stop
-        message = f"completed {done} iterations; t0 at iteration {meta['t0_step']}"
+    code = int(state.status)
+    if code != RUNNING and (not rows or rows[-1]["step"] != int(state.step)):
+        record(state)  # the last good state: nothing computed is lost
+    status, message = outcome(
+        problem, policy, code, step=int(state.step), bad_step=int(state.bad_step),
+        log_loss=float(state.log_loss), min_log_loss=float(state.min_log_loss),
+        log_T=float(state.log_T), grad_norm=last_grad_norm[0], steps=steps,
+        divergence_factor=divergence_factor)
+    if status == "completed":
+        message += f"; t0 at iteration {meta['t0_step']}"
         if hook_stop is not None:
             message += " (on_record ended the run)"
             meta["stopped_by_hook"] = hook_stop
         if meta["t0_step"] is None:
             message += f" (log L never fell below t0_log_loss = {log_t0:.6g})"
     meta.update(status=status, message=message, wall_time_s=time.perf_counter() - start)
-    return Trajectory.from_rows(rows, snaps, meta)
+    if code != RUNNING:
+        meta["stopped_at_step"] = int(state.bad_step)
+    traj = Trajectory.from_rows(rows, snaps, meta)
+    if status in ERRORS:
+        raise RunStopped(message, traj, int(state.bad_step), status)
+    if status != "completed":
+        warnings.warn(message, stacklevel=2)
+    return traj
 
 
 def _checked_grid(record_at, steps: int) -> np.ndarray:
@@ -363,20 +497,6 @@ def _checked_grid(record_at, steps: int) -> np.ndarray:
         raise ValueError(f"record_at must be increasing iterations in 1..steps = {steps}, "
                          f"got {grid[:5].tolist()}...{grid[-3:].tolist()}")
     return np.concatenate([[0], grid])
-
-
-def _stop_message(code, bad_step, state, policy, divergence_factor):
-    at = f"at iteration {bad_step}"
-    if code == NONFINITE_PARAMS:
-        return f"the parameters became non-finite (NaN/inf) {at}; the step size is too large"
-    if code == NONFINITE_LOSS:
-        return f"log L became non-finite {at}; the step size is too large"
-    if code == DIVERGED:
-        return (f"the loss blew up {at}: it rose above {divergence_factor:g} times its smallest "
-                f"value so far (log L was {float(state.min_log_loss):.6g}); policy "
-                f"{policy.name} {policy.config} makes gradient descent diverge, use a smaller step")
-    return (f"the loss-based scheduler failed to decrease the loss in {policy.max_retries} "
-            f"consecutive retries {at} (log L = {float(state.log_loss):.6g})")
 
 
 def euler(problem: Problem, params0, dt: float, steps: int, **kwargs) -> Trajectory:

@@ -35,6 +35,7 @@ class Diagnostics(NamedTuple):
     beta: jax.Array               # cos(theta, -grad L)
     nu_over_loss: jax.Array       # nu / L with nu of Theorem B.4 (Appendix F for C classes)
     n_support: jax.Array          # #{n : q_n < q_min + log 10^k}
+    separated: jax.Array          # log L < log l(b_f): the margin claims apply (Lemma 5.1)
     grad_norm_log_loss: jax.Array  # ||grad log L||
 
     def columns(self) -> dict:
@@ -44,9 +45,29 @@ class Diagnostics(NamedTuple):
                 if k != "grad_norm_log_loss"}
 
 
+def is_separated(problem: Problem, log_loss):
+    """log L < log l(b_f), the separability threshold past which q_min > 0 is guaranteed and
+    every margin claim of the paper applies: the one definition engines and sweeps use."""
+    return log_loss < problem.loss.log_threshold
+
+
+def div_exp(x, log_den):
+    """x / e^{log_den} as sign(x) exp(log|x| - log_den): never forms e^{log_den}, so the
+    ratio is exact where the denominator alone would overflow (rho^L > e^709) or the factor
+    e^{-log_den} would flush to zero (q_min exp(-L log rho) = 0 once rho^L > e^745)."""
+    return jnp.sign(x) * jnp.exp(jnp.log(jnp.abs(x)) - log_den)
+
+
+def _scaled_norm(xs) -> jax.Array:
+    """sqrt(sum x^2) over arrays ``xs`` as m sqrt(sum (x/m)^2), m = max |x|: finite for every
+    finite input (the plain sum of squares overflows once an entry exceeds ~1e154)."""
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in xs]))
+    safe = jnp.where(m > 0, m, 1.0)
+    return m * jnp.sqrt(sum(jnp.sum((x / safe) ** 2) for x in xs))
+
+
 def _group_norms(params) -> jax.Array:
-    return jnp.stack([jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree_util.tree_leaves(g)))
-                      for g in params])
+    return jnp.stack([_scaled_norm(jax.tree_util.tree_leaves(g)) for g in params])
 
 
 def tree_dot(a, b) -> jax.Array:
@@ -131,7 +152,7 @@ def diagnostics(problem: Problem, params, log_loss_t0=jnp.nan,
     (log_loss, (q, q_loss, s_bar)), grad = jax.value_and_grad(
         log_loss_and_terms, has_aux=True)(params)
     rho_layers = _group_norms(params)
-    rho = jnp.sqrt(jnp.sum(rho_layers ** 2))
+    rho = _scaled_norm([rho_layers])
     log_rho = jnp.log(rho)
     log_rho_L = L * log_rho
     log_layer = jnp.sum(jnp.asarray(problem.model.layer_orders) * jnp.log(rho_layers))
@@ -140,14 +161,14 @@ def diagnostics(problem: Problem, params, log_loss_t0=jnp.nan,
 
     g_norm = global_norm(grad)
     safe_norm = jnp.where(g_norm > 0, g_norm, 1.0)  # beta = 0 at a stationary point
-    beta = jnp.where(g_norm > 0, -tree_dot(params, grad) / (rho * safe_norm), 0.0)
+    beta = jnp.where(g_norm > 0, -tree_dot(params, grad) / rho / safe_norm, 0.0)
 
     # nu = sum_n e^{-f(q~_n)} f'(q~_n) s_bar_n (Theorem B.4; Appendix F), divided by L
     nu_over_loss = jnp.sum(jnp.exp(-loss.f(q_loss) - log_loss) * loss.f_prime(q_loss) * s_bar)
 
     if loss.name == "exponential":
         s = -log_loss
-        descent = jnp.exp(log_phi(s, -jnp.asarray(log_loss_t0), L) - log_rho_L)
+        descent = jnp.exp(log_phi(s, -jnp.asarray(log_loss_t0), L) - log_rho_L)  # log domain
     else:
         descent = jnp.full_like(log_loss, jnp.nan)
 
@@ -158,13 +179,14 @@ def diagnostics(problem: Problem, params, log_loss_t0=jnp.nan,
         rho=rho,
         log_rho=log_rho,
         rho_layers=rho_layers,
-        normalized_margin=q_min * jnp.exp(-log_rho_L),
-        layer_normalized_margin=q_min * jnp.exp(-log_layer),
-        smoothed_margin=inv * jnp.exp(-log_rho_L),
-        layer_smoothed_margin=inv * jnp.exp(-log_layer),
+        normalized_margin=div_exp(q_min, log_rho_L),
+        layer_normalized_margin=div_exp(q_min, log_layer),
+        smoothed_margin=div_exp(inv, log_rho_L),
+        layer_smoothed_margin=div_exp(inv, log_layer),
         descent_margin=descent,
         beta=beta,
         nu_over_loss=nu_over_loss,
         n_support=jnp.sum(q < q_min + support_decades * math.log(10.0)),
+        separated=is_separated(problem, log_loss),
         grad_norm_log_loss=g_norm,
     )

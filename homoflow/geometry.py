@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from .diagnostics import div_exp
 from .problem import Problem
 
 
@@ -59,7 +60,8 @@ def _flat_log_norm(x, ip):
     # p = inf (ip = 0): (|x|/m)^inf is 1 at the maxima and 0 elsewhere (said explicitly:
     # pow(1, inf) is not 1 on every backend, and x / x need not be 1 where XLA divides
     # by multiplying with a reciprocal)
-    s = jnp.sum(jnp.where(ip > 0, r ** (1.0 / jnp.where(ip > 0, ip, 1.0)), a == m))
+    at_max = (a == m).astype(r.dtype)
+    s = jnp.sum(jnp.where(ip > 0, r ** (1.0 / jnp.where(ip > 0, ip, 1.0)), at_max))
     return jnp.where(m > 0, jnp.log(safe_m) + ip * jnp.log(s), -jnp.inf)
 
 
@@ -96,11 +98,6 @@ class LpMargins(NamedTuple):
     layer_smoothed: jax.Array          # l^{-1}(L) / prod_i ||theta_i||_p^{k_i}
 
 
-def _over(x, log_den):
-    """x / e^{log_den} as sign(x) exp(log|x| - log_den): no overflow of the denominator."""
-    return jnp.sign(x) * jnp.exp(jnp.log(jnp.abs(x)) - log_den)
-
-
 def lp_margins(problem: Problem, params, ip) -> LpMargins:
     """gamma_bar_p = q_min / ||theta||_p^L and its smoothed version l^{-1}(L) / ||theta||_p^L
     (the paper's eq. (2) and Definition A.3 with the l_p norm in place of l_2, as in
@@ -115,8 +112,8 @@ def lp_margins(problem: Problem, params, ip) -> LpMargins:
     log_layers = sum(k * log_norm(group, ip)
                      for k, group in zip(problem.model.layer_orders, params))
     L = problem.order
-    return LpMargins(log_all, _over(q_min, L * log_all), _over(inv, L * log_all),
-                     _over(q_min, log_layers), _over(inv, log_layers))
+    return LpMargins(log_all, div_exp(q_min, L * log_all), div_exp(inv, L * log_all),
+                     div_exp(q_min, log_layers), div_exp(inv, log_layers))
 
 
 def lp_columns(problem: Problem, params, ip) -> dict:

@@ -35,6 +35,9 @@ class Model:
     """An L-homogeneous model: ``apply(c * params, X) == c**order * apply(params, X)``.
 
     ``eq=False`` makes models hash by identity, so they can be static jit arguments.
+    ``init(key, scale=1.0)`` draws the parameters and multiplies every one by ``scale``
+    (``with_init_scale``), so the outputs scale by ``scale**order``: the initialization
+    scale of small-initialization experiments, for every model.
     """
 
     name: str
@@ -59,10 +62,29 @@ class Model:
                 f"{sum(self.layer_orders)}, not to the declared order {self.order}")
         if self.n_outputs < 1:
             raise ValueError(f"model {self.name!r}: n_outputs must be >= 1, got {self.n_outputs}")
+        object.__setattr__(self, "init", with_init_scale(self.init))
 
     @property
     def multiclass(self) -> bool:
         return self.n_outputs > 1
+
+
+def with_init_scale(init: Callable[[jax.Array], Params]) -> Callable[..., Params]:
+    """``init(key, scale=1.0)``: ``init(key)`` with every parameter multiplied by ``scale``
+    (a finite number > 0; 1 returns ``init(key)`` bitwise)."""
+    if getattr(init, "_scaled", False):
+        return init
+
+    def scaled(key, scale: float = 1.0) -> Params:
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"init scale must be a finite number > 0, got {scale}")
+        params = init(key)
+        return params if scale == 1.0 else jax.tree_util.tree_map(lambda x: scale * x, params)
+
+    scaled._scaled = True
+    scaled.__doc__ = init.__doc__
+    return scaled
 
 
 class Activation(NamedTuple):

@@ -17,6 +17,15 @@ from .losses import Loss
 from .models import Model, check_homogeneity
 
 
+def class_gaps(outputs: jax.Array, y: jax.Array, fill=0.0):
+    """(s, mask) for (N, C) outputs: s_nj = Phi_y - Phi_j (Appendix F), ``fill`` where j = y_n
+    (0: nothing to add in a sum; inf: never the min), and the mask of j = y_n. The one home
+    of the class-score gap: margins, losses, attacks and certificates build on it."""
+    mask = jax.nn.one_hot(y, outputs.shape[1], dtype=bool)
+    s = jnp.take_along_axis(outputs, y[:, None], axis=1) - outputs
+    return jnp.where(mask, fill, s), mask
+
+
 class Problem(eqx.Module):
     X: jax.Array
     y: jax.Array  # +-1 floats (binary) or int class indices
@@ -39,9 +48,8 @@ class Problem(eqx.Module):
         return self.score_gaps_of(self.outputs(params))
 
     def score_gaps_of(self, out):
-        mask = jax.nn.one_hot(self.y, out.shape[1], dtype=bool)
-        s = jnp.take_along_axis(out, self.y[:, None], axis=1) - out
-        return jnp.where(mask, 0.0, s), mask
+        """``score_gaps`` from the model's outputs ``out`` on X."""
+        return class_gaps(out, self.y, 0.0)
 
     def margin_terms(self, params):
         """(q, q~, s_bar): margins, loss margins, and the softmin average of s_nj.

@@ -3,7 +3,10 @@
 A policy proposes log eta for the next attempt from its state, the current log L and what
 is known about t0; the descent engine takes the step
 ``theta <- theta - exp(log eta + log L) * grad log L`` and tells the policy whether the
-attempt was accepted. Policies with ``retry=True`` (the loss-based scheduler) retry a step
+attempt was accepted. A policy whose step is naturally a multiple of grad log L (the
+loss-based and normalized rules, eta = alpha / L) gives that multiple's log directly
+(``log_scale``): forming exp((log alpha - log L) + log L) instead loses |log L| * 2^-52 of
+log alpha to cancellation, 16 % at log L = -4e15 and all of it beyond |log L| ~ 1e17. Policies with ``retry=True`` (the loss-based scheduler) retry a step
 that did not decrease the loss with a smaller step; the others take every finite step and
 stop the run when the loss blows up.
 """
@@ -52,6 +55,20 @@ class Policy:
     config: dict = field(default_factory=dict, compare=False)
     # (state, grad log L) -> the step's direction (``steepest``); None: the gradient itself
     direction: Callable[[Any, Any], Any] | None = None
+    # (state, log L, t0, order) -> log of the multiple of grad log L the step subtracts;
+    # None: log_lr + log L
+    log_scale: Callable[[Any, jax.Array, T0Info, float], jax.Array] | None = None
+    # (state, radial) -> state, applied before each attempt with radial = <theta/rho,
+    # -grad log L> (the loss-based scheduler's cap); None: no limit
+    limit: Callable[[Any, jax.Array], Any] | None = None
+
+    def step_logs(self, state, log_loss, t0, order):
+        """(log scale, log eta): the step subtracts exp(log scale) grad log L, and log eta =
+        log scale - log L is what T = sum eta accumulates."""
+        log_lr = self.log_lr(state, log_loss, t0, order)
+        if self.log_scale is None:
+            return log_lr + log_loss, log_lr
+        return self.log_scale(state, log_loss, t0, order), log_lr
 
 
 def _positive(name, value):
@@ -70,30 +87,64 @@ def constant(lr: float) -> Policy:
 
 
 class LossBasedState(NamedTuple):
-    """State of the loss-based scheduler; r_u, r_d are traced so a sweep vmaps over them."""
+    """State of the loss-based scheduler; r_u, r_d and the cap are traced so a sweep vmaps
+    over them (``log_cap = inf``: no cap, the paper's rule)."""
     log_alpha: jax.Array
     log_r_u: jax.Array
     log_r_d: jax.Array
+    log_cap: jax.Array = jnp.inf
 
 
 def loss_based(alpha0: float = 0.1, r_u: float = 2 ** (1 / 5), r_d: float = 2 ** (1 / 10),
-               max_retries: int = 1000) -> Policy:
-    """The loss-based scheduler of Appendix K.1: eta = alpha / L.
+               max_retries: int = 1000, radial_cap: float | None = 1.0) -> Policy:
+    """The loss-based scheduler of Appendix K.1: eta = alpha / L, with alpha capped.
 
     After an accepted step (the loss decreased) alpha <- alpha * r_u; otherwise the step is
     retried with alpha <- alpha / r_d. The step is theta - alpha grad log L. ``max_retries``
-    consecutive failures stop the run (status "stalled").
+    consecutive failures stop the run (``descent`` says why: not separated, float64
+    exhausted, or stalled).
+
+    What Appendix K.1 promises: every accepted step lowers the loss (a line search on L),
+    nothing more; it proves no rate and no convergence of the direction. Indeed, where a
+    long step still lowers L — every separable linear problem once the iterate separates —
+    alpha grows geometrically, the iterate is dominated by its last gradient, and the
+    direction does not converge: on 2-D logistic problems the paper's rule ended 0.23–1.2
+    rad from the max-margin direction, with log T ~ 1e17 (measured, ``radial_cap=None``).
+
+    ``radial_cap = c`` (default 1) caps alpha <= c / <theta_hat, grad log L>^2 before each
+    attempt, i.e. to first order a step lowers log L by at most c through the growth of
+    ||theta||. Why this bound: a step moves tau = log rho by d tau ~ alpha <theta_hat,
+    -grad log L> / rho, while the direction's dynamics in tau are stiff with rate ~
+    <theta, -grad log L> = L log(1/L) (1 + o(1)) (DESIGN §3), so explicit steps stay
+    stable while d tau * L log(1/L) = O(1): the cap is that condition. On a linear model it
+    is alpha <= c / gamma_bar^2 (the range where normalized GD provably converges in
+    direction); on an L-homogeneous model it shrinks like rho^{2 - 2L}, as the Hessian of
+    log L grows. It leaves the paper's behaviour intact wherever the loss test already keeps
+    alpha smaller (measured: the default ReLU problem). ``radial_cap=None`` is the paper's
+    rule exactly.
     """
     la0 = math.log(_positive("alpha0", alpha0))
     lu, ld = math.log(_positive("r_u", r_u)), math.log(_positive("r_d", r_d))
     if r_u < 1 or r_d < 1:
         raise ValueError(f"r_u and r_d must be >= 1, got r_u={r_u}, r_d={r_d}")
-    return Policy("loss_based", lambda: LossBasedState(*map(jnp.asarray, (la0, lu, ld))),
+    lc = math.inf if radial_cap is None else math.log(_positive("radial_cap", radial_cap))
+
+    def limit(st, radial):
+        # <theta_hat, -grad log L> <= 0 (before separation): no radial growth to bound
+        cap = jnp.where(radial > 0, st.log_cap - 2.0 * jnp.log(jnp.where(radial > 0, radial,
+                                                                             1.0)), jnp.inf)
+        return st._replace(log_alpha=jnp.minimum(st.log_alpha, cap))
+
+    return Policy("loss_based",
+                  lambda: LossBasedState(*map(jnp.asarray, (la0, lu, ld, lc))),
                   lambda st, ll, t0, L: st.log_alpha - ll,
                   lambda st, ok: st._replace(log_alpha=jnp.where(ok, st.log_alpha + st.log_r_u,
                                                                  st.log_alpha - st.log_r_d)),
                   retry=True, max_retries=int(max_retries),
-                  config={"alpha0": alpha0, "r_u": r_u, "r_d": r_d, "max_retries": max_retries})
+                  config={"alpha0": alpha0, "r_u": r_u, "r_d": r_d, "max_retries": max_retries,
+                          "radial_cap": radial_cap},
+                  log_scale=lambda st, ll, t0, L: st.log_alpha,
+                  limit=None if radial_cap is None else limit)
 
 
 def c_eta_from_constants(B0, B1, B2, t0: T0Info, L: float):
@@ -246,7 +297,7 @@ def decaying(lr: float, power: float = 0.5) -> Policy:
     return Policy("decaying", lambda: DecayingState(jnp.asarray(log_lr), jnp.asarray(power),
                                                     jnp.asarray(0.0)),
                   lambda st, ll, t0, L: st.log_lr - st.power * jnp.log1p(st.count),
-                  lambda st, ok: st._replace(count=st.count + ok),
+                  lambda st, ok: st._replace(count=st.count + ok.astype(st.count.dtype)),
                   config={"lr": lr, "power": power})
 
 
@@ -257,7 +308,7 @@ def normalized(alpha: float = 0.1) -> Policy:
     log_alpha = math.log(_positive("alpha", alpha))
     return Policy("normalized", lambda: jnp.asarray(log_alpha),
                   lambda st, ll, t0, L: st - ll, lambda st, ok: st,
-                  config={"alpha": alpha})
+                  config={"alpha": alpha}, log_scale=lambda st, ll, t0, L: st)
 
 
 class SteepestState(NamedTuple):
@@ -286,7 +337,11 @@ def steepest(p, step: Policy | None = None) -> Policy:
                   lambda st, ok: st._replace(step=step.update(st.step, ok)),
                   retry=step.retry, max_retries=step.max_retries,
                   config={"p": float(p), "step": step.name, **step.config},
-                  direction=lambda st, g: steepest_direction(g, st.inv_p))
+                  direction=lambda st, g: steepest_direction(g, st.inv_p),
+                  log_scale=None if step.log_scale is None else
+                  (lambda st, ll, t0, L: step.log_scale(st.step, ll, t0, L)),
+                  limit=None if step.limit is None else
+                  (lambda st, radial: st._replace(step=step.limit(st.step, radial))))
 
 
 def sign_descent(step: Policy | None = None) -> Policy:

@@ -20,8 +20,8 @@ configurations and each finished configuration is written to ``DIR/configs/NNNNN
 (write to a temporary file, then an atomic rename); started again with the same ``DIR``
 and grid, the sweep computes only the configurations without a file.
 
-Descent reuses the engine's own step (``descent._attempt``) and initial state
-(``descent.initial_state``); gradient flow runs through ``flow.flow_batch`` (vmapped over
+Descent runs the engine's public step (``descent.attempt`` and ``descent.settle_t0``) and
+initial state (``descent.init``), and its statuses come from ``descent.outcome``; gradient flow runs through ``flow.flow_batch`` (vmapped over
 the initialization seeds, on the default device: only descent is sharded). Results come
 back as one tidy ``SweepTable``: one row per configuration x recorded point, with the
 configuration's columns.
@@ -48,12 +48,12 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import losses, models, schedules
-from .descent import _STATUS, OK, _attempt, initial_state, record_grid
-from .diagnostics import diagnostics, tree_dot
+from . import descent as engine
+from .descent import record_grid
+from .diagnostics import diagnostics
 from .flow import flow_batch
 from .models import HomogeneityError
 from .problem import Problem, make_problem
-from .schedules import T0Info
 from .trajectory import package_versions
 
 # every key a grid may hold, with its default
@@ -323,29 +323,23 @@ def _where(mask, a, b):
         lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-def _batched_advance(policy, batch_size, log_div, log_t0, order):
+def _batched_advance(policy, config: engine.StepConfig, order):
     """advance(problems, states, n) for a batch: each configuration takes ``n`` more
-    accepted iterations with the engine's own ``_attempt``; phi(L(t0)) is evaluated only at
-    an iteration where some configuration crosses t0."""
+    accepted iterations of the engine's public ``attempt``; phi(L(t0)) (``settle_t0``) is
+    evaluated only at an iteration where some configuration crosses t0."""
 
     def advance(problem, S, n):
         target = S.step + n
 
         def active(S):
-            return (S.step < target) & (S.status == OK)
+            return (S.step < target) & (S.status == engine.RUNNING)
 
         def body(S):
             act = active(S)
-            N = jax.vmap(lambda p, s: _attempt(p, policy, batch_size, log_div, log_t0, s,
-                                               update_t0=False))(problem, S)
-            crossed = act & (S.t0_step < 0) & (N.t0_step >= 0)
-
-            def fill():
-                at = jax.vmap(lambda ll, p: T0Info.at(ll, 0.5 * jnp.log(tree_dot(p, p)),
-                                                      order))(N.log_loss, N.params)
-                return _where(crossed, at, N.t0)
-
-            N = N._replace(t0=jax.lax.cond(jnp.any(crossed), fill, lambda: N.t0))
+            N = jax.vmap(lambda p, s: engine.attempt(p, policy, config, s))(problem, S)
+            N = jax.lax.cond(jnp.any(engine.t0_pending(N)),
+                             lambda: jax.vmap(lambda s: engine.settle_t0(s, order))(N),
+                             lambda: N)
             return _where(act, N, S)
 
         return jax.lax.while_loop(lambda S: jnp.any(active(S)), body, S)
@@ -370,11 +364,11 @@ def _descent_programs(g: _Group, policy, log_t0: float, mesh: Mesh):
     key = (tuple(kv for kv in g.key if kv[0] not in ("steps", "n_records", "chunk")),
            tuple(d.id for d in mesh.devices.flat))
     if key not in _PROGRAMS:
-        log_div = math.log(float(g.static["divergence_factor"]))
-        init = jax.vmap(lambda pb, p, s, k: initial_state(pb, p, policy, s, k, None, log_t0))
+        config = engine.StepConfig(log_t0, None, math.log(float(g.static["divergence_factor"])))
+        init = jax.vmap(lambda pb, p, s, k: engine.init(pb, p, policy, config, k, s))
         _PROGRAMS[key] = (
             _shard(init, mesh, 4),
-            _shard(_batched_advance(policy, None, log_div, log_t0, g.model.order), mesh, 2, 1),
+            _shard(_batched_advance(policy, config, g.model.order), mesh, 2, 1),
             _shard(jax.vmap(lambda pb, p, l0: diagnostics(pb, p, l0)), mesh, 3))
     return _PROGRAMS[key]
 
@@ -391,11 +385,8 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     cs = [configs[i] for i in ids + [ids[0]] * (-size % mesh.size + size - len(ids))]
     problems = [g.problems[int(c["data_seed"])] for c in cs]
     policies = [_policy(c, p) for c, p in zip(cs, problems)]
-    log_t0 = (problems[0].loss.log_threshold if st["t0_log_loss"] is None
-              else float(st["t0_log_loss"]))
-    if log_t0 > problems[0].loss.log_threshold:
-        raise ValueError(f"t0_log_loss = {log_t0} is above log l(b_f) = "
-                         f"{problems[0].loss.log_threshold:.6g}")
+    log_t0 = engine.step_config(problems[0], t0_log_loss=st["t0_log_loss"],
+                                divergence_factor=float(st["divergence_factor"])).log_t0
     order = g.model.order
     init, advance, diag = _descent_programs(g, policies[0], log_t0, mesh)
     keys = [jax.random.PRNGKey(int(c["seed"])) for c in cs]
@@ -409,21 +400,20 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     B = len(cs)
     rows: list[list[dict]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)   # stopped and its last state recorded
+    grad_norm = np.full(B, np.nan)
 
     def record(S):
-        d, h = _get(diag(prob_b, S.params, S.t0.log_loss)), _get(
-            (S.step, S.attempts, S.log_T, S.log_lr, S.status))
-        cols = {k: v for k, v in d._asdict().items()
-                if k not in _SCALAR_SKIP and k != "grad_norm_log_loss"}
+        d, h, status = _get((diag(prob_b, S.params, S.t0.log_loss), engine.engine_columns(S),
+                             S.status))
+        cols = {**{k: v for k, v in d.columns().items() if k not in _SCALAR_SKIP}, **h}
         for b in range(B):
             if done[b]:
                 continue
             row = {k: v[b] for k, v in cols.items()}
-            row.update(step=h[0][b], attempts=h[1][b], log_T=h[2][b], log_lr=h[3][b],
-                       separated=bool(cols["log_loss"][b] < problems[b].loss.log_threshold))
+            grad_norm[b] = d.grad_norm_log_loss[b]
             if not rows[b] or rows[b][-1]["step"] != row["step"]:
                 rows[b].append(row)
-            done[b] = h[4][b] != OK
+            done[b] = status[b] != engine.RUNNING
 
     start = time.perf_counter()
     record(S)
@@ -431,7 +421,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     for target in record_grid(steps, int(st["n_records"]))[1:]:
         while True:
             step, status = _get((S.step, S.status))
-            live = status == OK
+            live = status == engine.RUNNING
             if not np.any(live & (step < target)):
                 break
             n = int(min(target - step[live].min(), chunk))
@@ -441,17 +431,21 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
         if done.all():
             break
     wall = time.perf_counter() - start
-    final = _get((S.status, S.t0_step, S.t0.log_loss, S.min_log_loss, S.bad_step))
+    final = _get((S.status, S.t0_step, S.t0.log_loss, S.min_log_loss, S.bad_step, S.step,
+                  S.log_loss, S.log_T))
     out = {}
     for b, i in enumerate(ids):
         code = int(final[0][b])
-        status = _STATUS[code]
-        if code == OK and final[3][b] >= problems[b].loss.log_threshold:
-            status = "not_separated"
+        status, message = engine.outcome(
+            problems[b], policies[b], code, step=int(final[5][b]), bad_step=int(final[4][b]),
+            log_loss=float(final[6][b]), min_log_loss=float(final[3][b]),
+            log_T=float(final[7][b]), grad_norm=float(grad_norm[b]), steps=steps,
+            divergence_factor=float(st["divergence_factor"]))
         cols = {k: np.asarray([r[k] for r in rows[b]]) for k in rows[b][0]}
-        meta = {"status": status, "t0_step": int(final[1][b]) if final[1][b] >= 0 else None,
+        meta = {"status": status, "message": message,
+                "t0_step": int(final[1][b]) if final[1][b] >= 0 else None,
                 "log_loss_t0": float(final[2][b]) if final[1][b] >= 0 else None,
-                "stopped_at_step": int(final[4][b]) if code != OK else None,
+                "stopped_at_step": int(final[4][b]) if code != engine.RUNNING else None,
                 "order": order, "batch_wall_s": wall, "batch_size": len(ids),
                 "policy_config": policies[b].config}
         out[i] = (cols, meta)
