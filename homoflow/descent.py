@@ -232,7 +232,7 @@ def attempt(problem: Problem, policy: Policy, config: StepConfig,
         t0=jax.tree_util.tree_map(lambda a, b: jnp.where(crossed, a, b), pending, s.t0),
         t0_step=jnp.where(crossed, step_, s.t0_step),
         key=key,
-        status=status,
+        status=jnp.asarray(status, s.status.dtype),  # strong, as the carry
         bad_step=jnp.where(status != RUNNING, s.step + 1, s.bad_step),
         last_gain=jnp.where(accepted, s.log_loss - new_log_loss, s.last_gain),
         overflowed=overflowed,
@@ -278,6 +278,10 @@ def init(problem: Problem, params0, policy: Policy, config: StepConfig, key,
         t0=t0, t0_step=jnp.where(past, 0, -1), key=key,
         status=jnp.asarray(RUNNING), bad_step=jnp.asarray(-1),
         last_gain=jnp.full_like(log_loss0, jnp.inf), overflowed=jnp.asarray(False))
+    # strong dtypes throughout: the loop's carry then has one signature whether it comes
+    # from here or from a previous chunk (weak Python-scalar types would retrace ``advance``)
+    s = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, x.dtype) if jnp.issubdtype(x.dtype, jnp.number) else x, s)
     return jax.lax.cond(t0_pending(s), lambda: settle_t0(s, problem.order), lambda: s)
 
 

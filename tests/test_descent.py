@@ -212,3 +212,136 @@ def test_default_problem_reaches_log_loss_below_minus_1e5_with_finite_records(de
     # gamma_bar - gamma_tilde <= log N / rho^L still resolves at this scale
     gap = c["normalized_margin"][-1] - c["smoothed_margin"][-1]
     assert 0 <= gap <= math.log(prob.n) * math.exp(-2 * c["log_rho"][-1])
+
+
+# --- honest endings, the loss-based direction, public steps --------------------------------
+
+def _two_point_logistic():
+    """A 2-D linear problem with logistic loss on which the paper's loss-based rule grows
+    alpha geometrically (every long step still lowers L)."""
+    X, y = data.linearly_separable(2, 2, seed=0)
+    model = models.linear(2)
+    return make_problem(model, losses.logistic(), X, y), model.init(jax.random.PRNGKey(0))
+
+
+def test_loss_based_direction_converges_to_the_hard_margin_svm_on_a_linear_problem():
+    """On linearly separable data the gradient-flow direction tends to the hard-margin SVM
+    at rate O(1 / log t) (Soudry et al., JMLR 2018, with non-degenerate support vectors); the
+    capped loss-based scheduler must follow it: angle and relative margin gap below
+    1 / log T at the end. (The paper's uncapped rule ended 0.38 rad away, ``stalled``,
+    on this problem before the cap and the exact step multiple.)"""
+    from conftest import hard_margin_svm
+    prob, params0 = _two_point_logistic()
+    traj = homoflow.descent(prob, params0, schedules.loss_based(), 300, progress=False,
+                            n_records=10, kkt=False)
+    assert traj.status == "completed"
+    w_svm, _ = hard_margin_svm(np.asarray(prob.X), np.asarray(prob.y))
+    w = np.asarray(jax.tree_util.tree_leaves(traj.snapshots)[0][-1]).ravel()
+    log_T = traj["log_T"][-1]
+    assert log_T > 100
+    from homoflow.kkt import angle
+    assert angle(w, w_svm) < 1.0 / log_T
+    gamma_svm = 1.0 / np.linalg.norm(w_svm)
+    assert 0 < 1 - traj["normalized_margin"][-1] / gamma_svm < 1.0 / log_T
+
+
+def test_paper_loss_based_rule_ends_saying_float64_is_exhausted():
+    """Without the cap, alpha grows geometrically on this problem until float64 cannot
+    resolve a further change of log L (or a longer step leaves its range): the run must end
+    with that status, naming the iteration, not "stalled" blaming the scheduler."""
+    prob, params0 = _two_point_logistic()
+    with pytest.warns(UserWarning, match=r"float64 exhausted at iteration \d+"):
+        traj = homoflow.descent(prob, params0, schedules.loss_based(radial_cap=None), 5000,
+                                progress=False, n_records=10, kkt=False)
+    assert traj.status == "float64_exhausted"
+    assert traj.meta["stopped_at_step"] == traj["step"][-1] + 1 < 5000
+    assert traj["log_T"][-1] > 1e100  # alpha grew geometrically: log T ~ -log L
+
+
+@pytest.mark.parametrize("policy", [schedules.loss_based(), schedules.constant(0.5),
+                                    schedules.normalized(0.1)], ids=lambda p: p.name)
+def test_never_separated_data_end_not_separated_for_every_policy_with_the_evidence(policy):
+    X, y = data.linearly_separable(2, 2, seed=0)
+    X, y = np.concatenate([X, X]), np.concatenate([y, -y])  # each point with both labels
+    prob = make_problem(models.linear(2), losses.logistic(), X, y)
+    with pytest.warns(UserWarning, match=r"never fell below the separability threshold.*"
+                                         r"\|\|grad log L\|\| = "):
+        traj = homoflow.descent(prob, models.linear(2).init(jax.random.PRNGKey(0)), policy,
+                                2000, progress=False, n_records=10, kkt=False)
+    assert traj.status == "not_separated" and traj.meta["t0_step"] is None
+    # log L sits at its floor: the minimum of the convex loss: theta = 0, L = 4 log 2 (4 points)
+    assert traj["log_loss"][-1] == pytest.approx(math.log(4 * math.log(2)), abs=1e-6)
+
+
+def test_updates_below_float64_spacing_end_the_run_frozen_not_completed():
+    """Logistic loss, linear model, lr 100: after a few huge steps L is so small that
+    lr * grad L is below half a float64 spacing of every parameter; the run must say so
+    (status "frozen" with a warning naming the iteration), not report "completed"."""
+    X, y = data.linearly_separable(20, 2, seed=0)
+    model = models.linear(2)
+    prob = make_problem(model, losses.logistic(), X, y)
+    with pytest.warns(UserWarning, match=r"update at iteration \d+ changed no parameter"):
+        traj = homoflow.descent(prob, model.init(jax.random.PRNGKey(0)), schedules.constant(100.0),
+                                1000, progress=False, n_records=10, kkt=False)
+    assert traj.status == "frozen" and traj["step"][-1] < 1000
+    # independent check: one more step from the last state changes nothing
+    p = jax.tree_util.tree_map(lambda a: a[-1], traj.snapshots)
+    g = jax.grad(lambda z: jnp.exp(prob.log_loss(z)))(p)
+    q = jax.tree_util.tree_map(lambda a, b: a - 100.0 * b, p, g)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p),
+                                                     jax.tree_util.tree_leaves(q)))
+
+
+def _tiny():
+    X, y = data.linearly_separable(6, 3, seed=1)
+    model = models.mlp((3, 4, 1))
+    return make_problem(model, losses.exponential(), X, y), model.init(jax.random.PRNGKey(2))
+
+
+@pytest.mark.filterwarnings("ignore:the loss never fell")  # 6 iterations, before t0
+@pytest.mark.parametrize("policy, batch", [(schedules.loss_based(), None),
+                                           (schedules.constant(0.1), None),
+                                           (schedules.loss_based(), 3)],
+                         ids=["loss_based", "constant", "sgd"])
+def test_public_steps_under_strict_promotion_and_disable_jit_match_the_engine(policy, batch):
+    """The public init/step, run eagerly under ``jax.disable_jit()`` and strict dtype
+    promotion, reproduce ``descent``'s compiled run (rtol 1e-12: only XLA's fusion and
+    summation order differ) and keep every float in float64."""
+    prob, params0 = _tiny()
+    cfg = D.step_config(prob, batch_size=batch)
+    with jax.numpy_dtype_promotion("strict"):
+        traj = homoflow.descent(prob, params0, policy, 6, batch_size=batch, progress=False,
+                                record_at=range(1, 7), kkt=False)
+        with jax.disable_jit():
+            s = D.init(prob, params0, policy, cfg, jax.random.PRNGKey(0))
+            while int(s.step) < 6:
+                s = D.step(prob, policy, cfg, s)
+    for got, want in zip(jax.tree_util.tree_leaves(s.params),
+                         jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[-1],
+                                                                          traj.snapshots))):
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert float(s.log_T) == pytest.approx(traj["log_T"][-1], rel=1e-12)
+    assert all(x.dtype != jnp.float32 for x in jax.tree_util.tree_leaves(s))
+
+
+@pytest.mark.filterwarnings("ignore:the loss never fell")  # a few iterations, before t0
+def test_advance_is_compiled_once_for_every_chunk_length_and_hyperparameter(monkeypatch):
+    """One program per (model, policy, config): the trip count and the policy's numbers
+    (here alpha0, r_u, the cap) are traced state."""
+    chex = pytest.importorskip("chex")
+    prob, params0 = _tiny()
+    policy = schedules.loss_based()
+    cfg = D.step_config(prob)
+    advance = jax.jit(chex.assert_max_traces(D.advance_loop, n=1), static_argnums=(1, 2))
+    for n, state0 in [(3, policy.init()), (7, schedules.loss_based(0.5, 1.5, 1.2).init())]:
+        s = D.init(prob, params0, policy, cfg, jax.random.PRNGKey(0), state0)
+        s = advance(prob, policy, cfg, s, jnp.asarray(n))
+        assert int(s.step) == n
+    # descent() goes through the module's ``advance``: counted the same way
+    chex.clear_trace_counter()
+    monkeypatch.setattr(D, "advance", jax.jit(chex.assert_max_traces(D.advance_loop, n=1),
+                                              static_argnums=(1, 2)))
+    for steps, chunk in [(5, 2), (9, 4)]:
+        homoflow.descent(prob, params0, policy, steps, chunk=chunk, progress=False, kkt=False,
+                         n_records=3)
