@@ -59,11 +59,13 @@ def div_exp(x, log_den):
 
 
 def _scaled_norm(xs) -> jax.Array:
-    """sqrt(sum x^2) over arrays ``xs`` as m sqrt(sum (x/m)^2), m = max |x|: finite for every
-    finite input (the plain sum of squares overflows once an entry exceeds ~1e154)."""
+    """sqrt(sum x^2) over arrays ``xs``, scaled by 2^-e with 2^e ~ max |x| (exact: ldexp
+    only shifts exponents), so it is finite for every finite input; the plain sum of
+    squares overflows once an entry exceeds ~1e154. (Dividing by max |x| instead fails
+    under jit: XLA multiplies by 1/max |x|, subnormal and flushed to 0 beyond 4.5e307.)"""
     m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in xs]))
-    safe = jnp.where(m > 0, m, 1.0)
-    return m * jnp.sqrt(sum(jnp.sum((x / safe) ** 2) for x in xs))
+    e = jnp.frexp(m)[1]
+    return jnp.ldexp(jnp.sqrt(sum(jnp.sum(jnp.ldexp(x, -e) ** 2) for x in xs)), e)
 
 
 def _group_norms(params) -> jax.Array:

@@ -48,8 +48,9 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import losses, models, schedules
-from . import descent as engine
-from .descent import record_grid
+from .descent import RUNNING, StepConfig, attempt, engine_columns, outcome, record_grid, \
+    settle_t0, step_config, t0_pending
+from .descent import init as descent_init
 from .diagnostics import diagnostics
 from .flow import flow_batch
 from .models import HomogeneityError
@@ -323,7 +324,7 @@ def _where(mask, a, b):
         lambda x, y: jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-def _batched_advance(policy, config: engine.StepConfig, order):
+def _batched_advance(policy, config: StepConfig, order):
     """advance(problems, states, n) for a batch: each configuration takes ``n`` more
     accepted iterations of the engine's public ``attempt``; phi(L(t0)) (``settle_t0``) is
     evaluated only at an iteration where some configuration crosses t0."""
@@ -332,13 +333,13 @@ def _batched_advance(policy, config: engine.StepConfig, order):
         target = S.step + n
 
         def active(S):
-            return (S.step < target) & (S.status == engine.RUNNING)
+            return (S.step < target) & (S.status == RUNNING)
 
         def body(S):
             act = active(S)
-            N = jax.vmap(lambda p, s: engine.attempt(p, policy, config, s))(problem, S)
-            N = jax.lax.cond(jnp.any(engine.t0_pending(N)),
-                             lambda: jax.vmap(lambda s: engine.settle_t0(s, order))(N),
+            N = jax.vmap(lambda p, s: attempt(p, policy, config, s))(problem, S)
+            N = jax.lax.cond(jnp.any(t0_pending(N)),
+                             lambda: jax.vmap(lambda s: settle_t0(s, order))(N),
                              lambda: N)
             return _where(act, N, S)
 
@@ -364,8 +365,8 @@ def _descent_programs(g: _Group, policy, log_t0: float, mesh: Mesh):
     key = (tuple(kv for kv in g.key if kv[0] not in ("steps", "n_records", "chunk")),
            tuple(d.id for d in mesh.devices.flat))
     if key not in _PROGRAMS:
-        config = engine.StepConfig(log_t0, None, math.log(float(g.static["divergence_factor"])))
-        init = jax.vmap(lambda pb, p, s, k: engine.init(pb, p, policy, config, k, s))
+        config = StepConfig(log_t0, None, math.log(float(g.static["divergence_factor"])))
+        init = jax.vmap(lambda pb, p, s, k: descent_init(pb, p, policy, config, k, s))
         _PROGRAMS[key] = (
             _shard(init, mesh, 4),
             _shard(_batched_advance(policy, config, g.model.order), mesh, 2, 1),
@@ -385,7 +386,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     cs = [configs[i] for i in ids + [ids[0]] * (-size % mesh.size + size - len(ids))]
     problems = [g.problems[int(c["data_seed"])] for c in cs]
     policies = [_policy(c, p) for c, p in zip(cs, problems)]
-    log_t0 = engine.step_config(problems[0], t0_log_loss=st["t0_log_loss"],
+    log_t0 = step_config(problems[0], t0_log_loss=st["t0_log_loss"],
                                 divergence_factor=float(st["divergence_factor"])).log_t0
     order = g.model.order
     init, advance, diag = _descent_programs(g, policies[0], log_t0, mesh)
@@ -403,7 +404,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     grad_norm = np.full(B, np.nan)
 
     def record(S):
-        d, h, status = _get((diag(prob_b, S.params, S.t0.log_loss), engine.engine_columns(S),
+        d, h, status = _get((diag(prob_b, S.params, S.t0.log_loss), engine_columns(S),
                              S.status))
         cols = {**{k: v for k, v in d.columns().items() if k not in _SCALAR_SKIP}, **h}
         for b in range(B):
@@ -413,7 +414,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
             grad_norm[b] = d.grad_norm_log_loss[b]
             if not rows[b] or rows[b][-1]["step"] != row["step"]:
                 rows[b].append(row)
-            done[b] = status[b] != engine.RUNNING
+            done[b] = status[b] != RUNNING
 
     start = time.perf_counter()
     record(S)
@@ -421,7 +422,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     for target in record_grid(steps, int(st["n_records"]))[1:]:
         while True:
             step, status = _get((S.step, S.status))
-            live = status == engine.RUNNING
+            live = status == RUNNING
             if not np.any(live & (step < target)):
                 break
             n = int(min(target - step[live].min(), chunk))
@@ -436,7 +437,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     out = {}
     for b, i in enumerate(ids):
         code = int(final[0][b])
-        status, message = engine.outcome(
+        status, message = outcome(
             problems[b], policies[b], code, step=int(final[5][b]), bad_step=int(final[4][b]),
             log_loss=float(final[6][b]), min_log_loss=float(final[3][b]),
             log_T=float(final[7][b]), grad_norm=float(grad_norm[b]), steps=steps,
@@ -445,7 +446,7 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
         meta = {"status": status, "message": message,
                 "t0_step": int(final[1][b]) if final[1][b] >= 0 else None,
                 "log_loss_t0": float(final[2][b]) if final[1][b] >= 0 else None,
-                "stopped_at_step": int(final[4][b]) if code != engine.RUNNING else None,
+                "stopped_at_step": int(final[4][b]) if code != RUNNING else None,
                 "order": order, "batch_wall_s": wall, "batch_size": len(ids),
                 "policy_config": policies[b].config}
         out[i] = (cols, meta)

@@ -167,3 +167,38 @@ def test_smoothed_margin_bounds_hold_for_every_model(entry, scale):
     assert d.smoothed_margin <= d.normalized_margin + tol
     bound = math.log(M) * np.exp(-prob.order * d.log_rho)
     assert d.normalized_margin - d.smoothed_margin <= bound + tol
+
+
+@pytest.mark.parametrize("log_rho", [100.0, 708.5, 709.5])
+def test_margins_stay_exact_where_rho_to_the_L_leaves_float64(log_rho):
+    """gamma_bar = q_min / rho^L and gamma_tilde are formed as exp(log q - L log rho): at
+    rho^L > e^708 the factor exp(-L log rho) is subnormal (flushed to 0 by XLA on CPU) and
+    the old form q_min * exp(-L log rho) reported gamma_bar = 0. A linear model at rho =
+    e^log_rho must report its direction's margin (rtol 1e-12: a few roundings of log)."""
+    X = np.array([[1.0, 0.2], [0.3, 1.0], [-0.8, -0.5]])
+    y = np.array([1.0, 1.0, -1.0])
+    model = models.linear(2)
+    prob = make_problem(model, losses.exponential(), X, y)
+    w_hat = np.array([0.8, 0.6])
+    want = float(np.min(y * (X @ w_hat)))
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(np.exp(log_rho) * w_hat.reshape(p.shape)),
+                                    model.init(jax.random.PRNGKey(0)))
+    d = jax.jit(diagnostics)(prob, params)
+    assert float(d.log_rho) == pytest.approx(log_rho, rel=1e-14)  # no overflow of sum x^2
+    assert float(d.normalized_margin) == pytest.approx(want, rel=1e-12)
+    # exp loss: q_min - log N <= -log L <= q_min, so 0 <= gamma_bar - gamma_tilde <=
+    # log N / rho (up to the roundings of log L at |log L| ~ e^log_rho: rtol 1e-12)
+    gap = want - float(d.smoothed_margin)
+    assert -1e-12 * want <= gap <= math.log(3) * math.exp(-log_rho) + 1e-12 * want
+    assert bool(d.separated)
+
+
+def test_separated_column_is_the_threshold_test_on_log_l():
+    X, y = data.linearly_separable(10, 3, seed=0)
+    model = models.linear(3)
+    prob = make_problem(model, losses.logistic(), X, y)
+    p = model.init(jax.random.PRNGKey(0))
+    for c in (1e-3, 1e3):
+        d = diagnostics(prob, jax.tree_util.tree_map(lambda a: c * a, p))
+        assert bool(d.separated) == bool(d.log_loss < losses.logistic().log_threshold)
+        assert d.columns()["separated"].dtype == bool

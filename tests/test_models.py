@@ -107,3 +107,25 @@ def test_mexican_hat_gradient_is_finite_at_r_zero_and_r_one():
     for theta in ([0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):
         g = jax.grad(lambda p: model.apply(p, X)[0])((jnp.asarray(theta),))
         assert np.all(np.isfinite(g[0]))
+
+
+@pytest.mark.parametrize("entry", MODELS, ids=model_id)
+def test_init_scale_multiplies_every_parameter_and_the_outputs_by_scale_to_the_L(entry):
+    model, shape = entry
+    key = jax.random.PRNGKey(3)
+    p1, p2 = model.init(key), model.init(key, scale=0.01)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_array_equal(b, 0.01 * a)  # one rounding: the product itself
+    if model.homogeneous:
+        x = _inputs(shape, n=4)
+        np.testing.assert_allclose(model.apply(p2, x), 0.01 ** model.order * model.apply(p1, x),
+                                   rtol=RTOL_F64, atol=1e-300)
+    for a, b in zip(jax.tree_util.tree_leaves(p1),
+                    jax.tree_util.tree_leaves(model.init(key, scale=1.0))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_init_scale_is_rejected_naming_it(scale):
+    with pytest.raises(ValueError, match=f"init scale must be a finite number > 0, got {scale}"):
+        models.linear(3).init(jax.random.PRNGKey(0), scale=scale)

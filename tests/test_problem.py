@@ -73,3 +73,16 @@ def test_multiclass_margins_follow_appendix_f():
     np.testing.assert_allclose(q_loss, -np.log(np.exp(-s).sum(axis=1)), rtol=1e-12)
     ce = np.sum(-np.log(np.exp(out[np.arange(20), y]) / np.exp(out).sum(axis=1)))
     assert float(prob.log_loss(params)) == pytest.approx(np.log(ce), rel=1e-12)
+
+
+def test_class_gaps_are_score_differences_with_the_own_class_filled():
+    from homoflow.attacks import class_gaps as attack_gaps, multiclass_margin
+    from homoflow.problem import class_gaps
+    out = np.array([[1.0, 3.0, -2.0], [0.5, 0.25, 4.0]])
+    y = np.array([1, 2])
+    s, mask = class_gaps(out, y)
+    np.testing.assert_array_equal(s, [[2.0, 0.0, 5.0], [3.5, 3.75, 0.0]])
+    np.testing.assert_array_equal(mask, [[False, True, False], [False, False, True]])
+    inf_filled = attack_gaps(out, y)
+    assert np.all(np.isinf(inf_filled[mask])) and np.array_equal(inf_filled[~mask], s[~mask])
+    np.testing.assert_array_equal(multiclass_margin(out, y), [2.0, 3.5])
