@@ -381,10 +381,19 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     recorded at ``record_grid(steps, n_records)``. Non-retrying policies stop with
     ``RunStopped`` when the state turns non-finite or the loss exceeds
     ``divergence_factor`` times its smallest value so far; the loss-based policy backs off
-    instead, and stops only after ``max_retries`` consecutive failures. ``RunStopped``
-    carries the trajectory recorded so far, ending with the last good state. A run that
-    never gets below the separability threshold l(b_f) completes with status
-    "not_separated" and a warning: no margin claims hold for it.
+    instead, and stops only after ``max_retries`` consecutive failures ("stalled", an
+    error, when the step is not a descent direction). ``RunStopped`` carries the trajectory
+    recorded so far, ending with the last good state. Honest endings return the trajectory
+    with a warning (``outcome`` decides): "not_separated" when the loss never got below
+    the separability threshold l(b_f), whatever stopped the run (no margin claim holds);
+    "frozen" when an update changed no parameter (the step fell below float64's spacing:
+    the run cannot move, e.g. a linear model, logistic loss, lr 100); "float64_exhausted"
+    when the loss-based scheduler can no longer change log L measurably (its margins are
+    beyond float64's resolution, or a longer step overflows). Each names the iteration.
+
+    The engine's public pieces (``step_config``, ``init``, ``step`` = ``attempt`` +
+    ``settle_t0``, ``advance``, ``engine_columns``, ``outcome``) are what this function
+    runs; ``homoflow.sweep`` vmaps the same ones.
 
     t0 is the first iterate with log L < ``t0_log_loss`` (default log l(b_f)); gamma_hat and
     the H(L) bound are built on L(t0) (Appendix E). Any t0 after separation is valid for

@@ -81,7 +81,7 @@ def steepest_direction(grad, ip):
     iq = 1.0 - ip                      # 1/q
     q_minus_1 = ip / jnp.where(iq > 0, iq, 1.0)
     log_gq = _flat_log_norm(g, iq)
-    ratio = jnp.abs(g) * jnp.exp(-log_gq)
+    ratio = jnp.exp(jnp.log(jnp.abs(g)) - log_gq)  # |g| / ||g||_q, never forming 1/||g||_q
     general = jnp.sign(g) * jnp.exp(log_gq) * ratio ** q_minus_1
     i = jnp.argmax(jnp.abs(g))
     coordinate = jnp.zeros_like(g).at[i].set(g[i])  # ||g||_inf sign(g_i) = g_i

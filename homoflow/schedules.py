@@ -6,7 +6,8 @@ is known about t0; the descent engine takes the step
 attempt was accepted. A policy whose step is naturally a multiple of grad log L (the
 loss-based and normalized rules, eta = alpha / L) gives that multiple's log directly
 (``log_scale``): forming exp((log alpha - log L) + log L) instead loses |log L| * 2^-52 of
-log alpha to cancellation, 16 % at log L = -4e15 and all of it beyond |log L| ~ 1e17. Policies with ``retry=True`` (the loss-based scheduler) retry a step
+log alpha to cancellation, 16 % at log L = -4e15 and all of it beyond |log L| ~ 1e17.
+Policies with ``retry=True`` (the loss-based scheduler) retry a step
 that did not decrease the loss with a smaller step; the others take every finite step and
 stop the run when the loss blows up.
 """

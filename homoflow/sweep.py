@@ -21,7 +21,8 @@ configurations and each finished configuration is written to ``DIR/configs/NNNNN
 and grid, the sweep computes only the configurations without a file.
 
 Descent runs the engine's public step (``descent.attempt`` and ``descent.settle_t0``) and
-initial state (``descent.init``), and its statuses come from ``descent.outcome``; gradient flow runs through ``flow.flow_batch`` (vmapped over
+initial state (``descent.init``), and its statuses come from ``descent.outcome``;
+gradient flow runs through ``flow.flow_batch`` (vmapped over
 the initialization seeds, on the default device: only descent is sharded). Results come
 back as one tidy ``SweepTable``: one row per configuration x recorded point, with the
 configuration's columns.
