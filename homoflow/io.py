@@ -279,13 +279,15 @@ class Interrupt:
     """``with Interrupt() as stop:`` -- SIGINT / SIGTERM set ``stop.requested`` instead of
     killing the process; the code polls it at safe points (a run's recorded rows, a sweep's
     finished batches) and writes everything it has. A second signal raises
-    ``KeyboardInterrupt`` at once. Outside the main thread it installs nothing."""
+    ``KeyboardInterrupt`` at once (``immediate=True``: the first one does). Outside the main
+    thread it installs nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, message: str = "stopping at the next safe point and saving what is "
-                                      "recorded; send it again to stop at once"):
-        self.message = message
+                                      "recorded; send it again to stop at once",
+                 immediate: bool = False):
+        self.message, self.immediate = message, immediate
         self.signal: int | None = None
         self._old: dict = {}
 
@@ -306,6 +308,8 @@ class Interrupt:
         self.signal = signum
         print(f"\nhomoflow: {signal.Signals(signum).name}: {self.message}", file=sys.stderr,
               flush=True)
+        if self.immediate:
+            raise KeyboardInterrupt
 
     def __enter__(self):
         import threading
