@@ -135,6 +135,12 @@ def _run_config(args, parser) -> tuple[dict, Path, object]:
 
 def _run(args, parser) -> int:
     config, out, previous = _run_config(args, parser)
+    # from here on a signal is a request to stop and save (set-up included)
+    with io.Interrupt() as stop:
+        return _run_in(args, config, out, previous, stop)
+
+
+def _run_in(args, config, out, previous, stop) -> int:
     jax = _setup_jax(args.no_compile_cache)
     from . import kkt, losses
     from .descent import RunStopped, descent
@@ -165,26 +171,25 @@ def _run(args, parser) -> int:
                               " (kept in the compilation cache for the next run)"),
               file=sys.stderr, flush=True)
     code = 0
-    with io.Interrupt() as stop:
-        try:
-            if config["engine"] == "flow":
-                traj = flow(problem, params0, log_t_max=config["log_t_max"],
-                            n_saves=config["n_saves"], h_max=config["h_max"],
-                            max_steps=config["max_steps"], progress=not args.no_progress,
-                            config=config, on_record=stop)
-            else:
-                traj = descent(problem, params0, policy, config["steps"],
-                               batch_size=config["batch_size"],
-                               key=jax.random.PRNGKey(config["seed"]),
-                               n_records=config["n_records"], chunk=config["chunk"],
-                               divergence_factor=config["divergence_factor"],
-                               t0_log_loss=config["t0_log_loss"],
-                               progress=not args.no_progress, config=config,
-                               margin_norm=config["margin_norm"], on_record=stop,
-                               resume=previous)
-        except RunStopped as err:
-            traj, code = err.trajectory, EXIT_STOPPED
-            print(f"stopped: {err}", file=sys.stderr)
+    try:
+        if config["engine"] == "flow":
+            traj = flow(problem, params0, log_t_max=config["log_t_max"],
+                        n_saves=config["n_saves"], h_max=config["h_max"],
+                        max_steps=config["max_steps"], progress=not args.no_progress,
+                        config=config, on_record=stop)
+        else:
+            traj = descent(problem, params0, policy, config["steps"],
+                           batch_size=config["batch_size"],
+                           key=jax.random.PRNGKey(config["seed"]),
+                           n_records=config["n_records"], chunk=config["chunk"],
+                           divergence_factor=config["divergence_factor"],
+                           t0_log_loss=config["t0_log_loss"],
+                           progress=not args.no_progress, config=config,
+                           margin_norm=config["margin_norm"], on_record=stop,
+                           resume=previous)
+    except RunStopped as err:
+        traj, code = err.trajectory, EXIT_STOPPED
+        print(f"stopped: {err}", file=sys.stderr)
     traj.meta["seed"] = config["seed"]
     if stop.requested:
         at = int(traj["step"][-1])
@@ -314,7 +319,7 @@ def _sweep(args, parser) -> int:
     from . import sweep as sweep_mod   # imports JAX
 
     try:
-        sweep_mod.expand(grid)   # every configuration checked before any set-up
+        n_configs = len(sweep_mod.expand(grid))   # every configuration checked first
     except ValueError as e:
         _fail(parser, f"{args.grid + ': ' if args.grid else ''}{e}")
     out = io.prepare_out(args.out or _default_out("sweep"), resume=args.resume,
@@ -326,10 +331,11 @@ def _sweep(args, parser) -> int:
     with io.Interrupt("stopping after the batch in progress and saving every finished "
                       "configuration; send it again to stop at once (the batch is lost)") \
             as stop:
+        print(f"homoflow sweep: {n_configs} configurations into {out}", flush=True)
         table = sweep_mod.sweep(grid, out=out, devices=devices, max_batch=args.max_batch,
                                 progress=not args.no_progress, should_stop=stop)
     m = table.meta
-    print(f"homoflow sweep: {m['n_configs']} configurations ({len(m['computed'])} computed, "
+    print(f"{m['n_configs']} configurations ({len(m['computed'])} computed, "
           f"{len(m['reused'])} reused) on {m['devices']} device(s), {len(table)} rows in "
           f"{m['wall_time_s']:.1f} s")
     for status in sorted(set(m["statuses"])):

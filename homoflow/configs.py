@@ -253,7 +253,7 @@ def resolve(config: dict, *, sweep: bool = False, given: set | None = None) -> d
         raise _bad("loss", c["loss"], "must be cross_entropy for several classes")
     if c["model"] == "diagonal_linear" and not binary:
         raise _bad("model", "diagonal_linear", "needs binary data (it has one output)")
-    if c["batch_size"] is not None and c["batch_size"] > c["n"]:
+    if c.get("batch_size") is not None and c["batch_size"] > c["n"]:
         raise _bad("batch_size", c["batch_size"], f"must be <= N = {c['n']} data points")
     if c["engine"] == "descent":
         pol = c["policy"]
@@ -263,10 +263,10 @@ def resolve(config: dict, *, sweep: bool = False, given: set | None = None) -> d
         if sweep and pol not in SWEEP_POLICIES:
             raise _bad("policy", pol, f"must be one of {', '.join(SWEEP_POLICIES)} in a sweep "
                        f"(the others are not vmappable; use homoflow run)")
-        if c["batch_size"] is not None and pol in OPTAX:
+        if c.get("batch_size") is not None and pol in OPTAX:
             raise _bad("batch_size", c["batch_size"], "must be unset for optax policies "
                        "(they run full-batch)")
-    elif c["batch_size"] is not None:
+    elif c.get("batch_size") is not None:
         raise _bad("batch_size", c["batch_size"], "must be unset for the flow engine")
     return c
 
@@ -442,4 +442,5 @@ def build_policy(c: dict, constants=None):
     opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad,
            "sign_sgd": optax.sign_sgd, "sgd_optax": optax.sgd}[name]
     return schedules.optax_optimizer(optax.inject_hyperparams(opt)(learning_rate=c["lr"]),
-                                     objective=c["objective"])
+                                     objective=c["objective"],
+                                     name=f"optax.{opt.__name__}(learning_rate={c['lr']:g})")
