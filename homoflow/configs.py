@@ -141,9 +141,9 @@ def default_depth(model: str) -> int:
 # checking
 
 
-def _bad(name: str, value, why: str) -> ValueError:
+def _bad(name: str, value, why: str, hint: str = "") -> ValueError:
     flag = f" (option {OPTIONS[name].flag})" if name in OPTIONS else ""
-    return ValueError(f"{name} {why}, got {value!r}{flag}")
+    return ValueError(f"{name} {why}, got {value!r}{hint}{flag}")
 
 
 def check_value(name: str, value) -> Any:
@@ -199,9 +199,9 @@ def _c_eta(value):
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise _bad("c_eta", value, "must be a finite number > 0 or 'estimate'") from None
+        raise _bad("c_eta", value, "must be a finite number > 0", " (or 'estimate')") from None
     if not (v > 0 and math.isfinite(v)):
-        raise _bad("c_eta", value, "must be a finite number > 0 or 'estimate'")
+        raise _bad("c_eta", value, "must be a finite number > 0", " (or 'estimate')")
     return v
 
 

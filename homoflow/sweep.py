@@ -17,8 +17,10 @@ process 0 writes the results.
 
 With ``out=DIR`` the sweep is resumable: ``DIR/manifest.json`` lists the grid's
 configurations and each finished configuration is written to ``DIR/configs/NNNNNN.npz``
-(write to a temporary file, then an atomic rename); started again with the same ``DIR``
-and grid, the sweep computes only the configurations without a file.
+with its configuration and a hash (``homoflow.io``: a temporary file, then an atomic
+rename); started again with the same ``DIR`` and grid, the sweep computes only the
+configurations without a valid file of their own. ``DIR/.homoflow.lock`` keeps a second
+sweep out while one computes.
 
 Descent reuses the engine's own step (``descent._attempt``) and initial state
 (``descent.initial_state``); gradient flow runs through ``flow.flow_batch`` (vmapped over

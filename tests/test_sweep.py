@@ -222,7 +222,9 @@ def test_cli_sweep_from_toml_and_command_line(tmp_path, full):
         (lr, s) for lr in (0.01, 0.02, 0.03, 0.05) for s in (0, 1)]
     _tables_equal(table, full)
     assert (out / "table.csv").read_text().splitlines()[0].startswith("config,")
-    assert main(["sweep", "--lr", "-1", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exit_:   # refused before JAX is set up
+        main(["sweep", "--lr", "-1", "--no-progress"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.slow
