@@ -322,11 +322,18 @@ def _sweep(args, parser) -> int:
         n_configs = len(sweep_mod.expand(grid))   # every configuration checked first
     except ValueError as e:
         _fail(parser, f"{args.grid + ': ' if args.grid else ''}{e}")
-    out = io.prepare_out(args.out or _default_out("sweep"), resume=args.resume,
-                         overwrite=args.overwrite, what="sweep")
-    jax = _setup_jax(args.no_compile_cache)
-    if args.distributed:
+    if args.distributed:   # every process checks its own share; process 0 owns --out
+        if not args.out:
+            _fail(parser, "--distributed needs --out (one directory for every process)")
+        jax = _setup_jax(args.no_compile_cache)
         jax.distributed.initialize()
+        out = Path(args.out)
+        if jax.process_index() == 0:
+            io.prepare_out(out, resume=args.resume, overwrite=args.overwrite, what="sweep")
+    else:
+        out = io.prepare_out(args.out or _default_out("sweep"), resume=args.resume,
+                             overwrite=args.overwrite, what="sweep")
+        jax = _setup_jax(args.no_compile_cache)
     devices = None if args.devices is None else jax.devices()[: args.devices]
     with io.Interrupt("stopping after the batch in progress and saving every finished "
                       "configuration; send it again to stop at once (the batch is lost)") \

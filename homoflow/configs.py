@@ -229,6 +229,8 @@ def resolve(config: dict, *, sweep: bool = False, given: set | None = None) -> d
     for k, v in config.items():
         if k in ("model", "data") and callable(v):   # a sweep's own model or data set
             c[k] = v
+        elif k == "data" and v == "file" and config.get("data_file"):   # a resolved config
+            c[k] = v
         else:
             c[k] = check_value(k, v)
     if c["depth"] is None:

@@ -282,6 +282,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     rows, snaps = [], []
     if resume is not None:
         state = _resumed_state(state, resume)
+        if snapshots and resume.snapshots is None:
+            raise ValueError("resume: the saved run has no snapshots; resume it with "
+                             "snapshots=False, as it was run")
         rows, snaps = resume.rows(), resume.snapshot_list() if snapshots else []
 
     advance = _make_advance(policy, batch_size, math.log(divergence_factor), log_t0)

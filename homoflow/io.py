@@ -9,7 +9,8 @@
   keeps two processes from computing into the same directory.
 * ``Interrupt`` turns SIGINT / SIGTERM into a request to stop at the next safe point.
 
-This module imports neither JAX nor matplotlib (the CLI's ``--help`` stays fast).
+This module imports neither JAX nor matplotlib, and NumPy only when it reads or writes
+arrays (the CLI's ``--help`` stays fast).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import numpy as np
 
 # files whose presence marks a directory as homoflow's (``--overwrite`` clears only those)
 MARKERS = ("meta.json", "manifest.json", "sweep.json", "summary.json", "table1.md")
@@ -47,6 +46,9 @@ def jsonable(obj):
     """``obj`` as plain JSON types: numpy scalars and arrays as numbers and lists, non-finite
     floats as strings ("inf", "nan"), callables by name, dataclasses as dicts, anything else
     by ``str`` (so ``json.dumps`` never fails)."""
+    np = sys.modules.get("numpy")   # no numpy object exists before numpy is imported
+    if np is None:
+        import numpy as np
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -98,6 +100,8 @@ def write_json(path, obj, indent: int | None = 2) -> Path:
 
 
 def write_npz(path, **arrays) -> Path:
+    import numpy as np
+
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -148,6 +152,8 @@ def read_npz(path, required: Iterable[str] = (),
              advice: str = "the file is damaged: delete it and recompute") -> dict:
     """Every array of an ``.npz`` file, read eagerly; ``required`` names arrays that must be
     there. Pickled objects are refused (``allow_pickle=False``)."""
+    import numpy as np
+
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
