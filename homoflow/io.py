@@ -116,9 +116,9 @@ def write_csv(path, names: list[str], columns: list) -> Path:
     return write_text(path, "\n".join(lines) + "\n")
 
 
-def write_figure(fig, path) -> Path:
+def write_figure(fig, path, dpi: float | None = None) -> Path:
     """A matplotlib figure as PNG (atomically)."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi or fig.dpi))
 
 
 def config_hash(config) -> str:
