@@ -200,7 +200,8 @@ def test_schema_matches_the_library():
 
 def test_optax_divergence_message_is_readable(tmp_path, capsys):
     code = main(["run", "--policy", "sgd_optax", "--lr", "100", "--steps", "30", "--width",
-                 "10", "--out", str(tmp_path / "r"), "--no-progress", "--no-kkt-report"])
+                 "4", "--n", "12", "--dim", "3", "--n-records", "5", "--out",
+                 str(tmp_path / "r"), "--no-progress", "--no-kkt-report"])
     err = capsys.readouterr().err
     assert code == 2 and "optax.sgd(learning_rate=100)" in err
     assert "<function" not in err and "GradientTransformation" not in err
