@@ -2,22 +2,37 @@
 
 Implements the quantities and algorithms of Lyu & Li, "Gradient Descent Maximizes the
 Margin of Homogeneous Neural Networks" (ICLR 2020). float64 is switched on at import.
+
+The public names load lazily (PEP 562): ``import homoflow`` does not import JAX until a
+name that needs it is used, so the ``homoflow`` command answers ``--help`` at once.
 """
 
-import jax
+import importlib
+import os
+import sys
+import types
 
-# float64 by default: the science lives at losses of 10^-800 and below (DESIGN §2).
-jax.config.update("jax_enable_x64", True)
-
-from . import data, geometry, losses, models, schedules  # noqa: E402
-from .descent import RunStopped, descent, record_grid  # noqa: E402
-from .diagnostics import Diagnostics, diagnostics  # noqa: E402
-from .losses import Loss, cross_entropy, exp_tailed, exponential, logistic  # noqa: E402
-from .models import HomogeneityError, Model, check_homogeneity, homogeneous_model  # noqa: E402
-from .problem import Problem, make_problem  # noqa: E402
-from .trajectory import Trajectory  # noqa: E402
+# float64 by default: the science lives at losses of 10^-800 and below (DESIGN §2). JAX
+# reads JAX_ENABLE_X64 when it is first imported; if it already was, set it directly.
+if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_enable_x64", True)
+else:
+    os.environ["JAX_ENABLE_X64"] = "1"
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("data", "geometry", "losses", "models", "schedules", "configs", "io", "flow",
+               "sweep", "kkt", "plots", "descent", "diagnostics", "problem", "trajectory")
+_NAMES = {
+    "RunStopped": "descent", "descent": "descent", "record_grid": "descent",
+    "Diagnostics": "diagnostics", "diagnostics": "diagnostics",
+    "Loss": "losses", "cross_entropy": "losses", "exp_tailed": "losses",
+    "exponential": "losses", "logistic": "losses",
+    "HomogeneityError": "models", "Model": "models", "check_homogeneity": "models",
+    "homogeneous_model": "models",
+    "Problem": "problem", "make_problem": "problem",
+    "Trajectory": "trajectory",
+}
 
 __all__ = [
     "Diagnostics", "HomogeneityError", "Loss", "Model", "Problem", "RunStopped", "Trajectory",
@@ -25,3 +40,33 @@ __all__ = [
     "exponential", "geometry", "homogeneous_model", "logistic", "losses", "make_problem", "models",
     "record_grid", "schedules",
 ]
+
+
+# ``homoflow.descent`` and ``homoflow.diagnostics`` are the functions, as ``from .descent
+# import descent`` made them; importing the submodules must not rebind them to the modules
+_SHADOWED = ("descent", "diagnostics")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'homoflow' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))

@@ -1,67 +1,79 @@
-"""``homoflow run``: simulate gradient descent on a homogeneous model and report its margins."""
+"""``homoflow``: simulate gradient descent or gradient flow on a homogeneous model, sweep
+grids of configurations, run the paper's experiments.
+
+The options come from one schema (``homoflow.configs``) shared with sweeps and TOML files.
+Every option is checked, and ``--out`` prepared, before any set-up; JAX is imported only
+once a command runs (``--help`` stays fast). SIGINT / SIGTERM stop a command at the next
+safe point: everything recorded is written with status "interrupted" and the exit code is
+130 (``homoflow run --resume DIR`` continues a descent run). Compiled programs are kept
+in JAX's persistent compilation cache (``--no-compile-cache`` or
+HOMOFLOW_NO_COMPILE_CACHE=1 to opt out; HOMOFLOW_CACHE_DIR to move it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 
-import jax
+from . import __version__, configs, io
 
-from . import data as data_mod
-from . import kkt, losses, models, schedules
-from .descent import RunStopped, descent
-from .flow import flow
-from .plots import plot_trajectory
-from .problem import make_problem
+EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 2        # a run that stopped early (diverged, stalled, ...) or bad input
 
-MODELS = ("mlp", "linear", "deep_linear", "diagonal_linear")
-ACTIVATION_CHOICES = ("relu", "leaky_relu", "relu_power", "quadratic")
-POLICIES = ("loss_based", "constant", "h_bound", "normalized", "sign", "coordinate", "lp",
-            "dual_acceleration", "progressive_rescaling", "adam", "rmsprop", "adagrad",
-            "sign_sgd", "sgd_optax")
-STEEPEST = {"sign": "inf", "coordinate": 1.0, "lp": None}   # None: --p
+RUN_FILES = ("trajectory.csv", "columns.npz", "snapshots.npz", "meta.json", "summary.json")
 
 
-def _build_model(args, dim, n_outputs):
-    if args.model == "linear":
-        return models.linear(dim, n_outputs)
-    if args.model == "deep_linear":
-        return models.deep_linear((dim,) + (args.width,) * (args.depth - 1) + (n_outputs,))
-    if args.model == "diagonal_linear":
-        if n_outputs != 1:
-            raise ValueError("diagonal_linear is a binary model; use --data separable")
-        return models.diagonal_linear(dim, args.depth)
-    act = {"relu": models.relu, "quadratic": models.quadratic,
-           "leaky_relu": lambda: models.leaky_relu(args.slope),
-           "relu_power": lambda: models.relu_power(args.alpha_power)}[args.activation]()
-    return models.mlp((dim,) + (args.width,) * (args.depth - 1) + (n_outputs,), act)
+def _setup_jax(no_cache: bool = False):
+    """Import JAX, switch on float64 (homoflow's science lives at losses of 1e-800) and the
+    persistent compilation cache; returns the jax module."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    if not (no_cache or os.environ.get("HOMOFLOW_NO_COMPILE_CACHE", "") not in ("", "0")):
+        cache = os.environ.get("HOMOFLOW_CACHE_DIR") or str(
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "homoflow" / "jax")
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"homoflow: no compilation cache ({cache}: {e.strerror})", file=sys.stderr)
+        else:
+            jax.config.update("jax_compilation_cache_dir", cache)
+            # every program: a run is dozens of small compilations (0.1-2 s each)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax
 
 
-def _build_policy(args):
-    if args.policy in STEEPEST:   # steepest descent; --step picks the step rule
-        step = _build_policy(argparse.Namespace(**{**vars(args), "policy": args.step}))
-        return schedules.steepest(args.p if STEEPEST[args.policy] is None
-                                  else STEEPEST[args.policy], step)
-    if args.policy == "normalized":
-        return schedules.normalized(args.alpha0)
-    if args.policy == "dual_acceleration":
-        return schedules.dual_acceleration()
-    if args.policy == "progressive_rescaling":
-        return schedules.progressive_rescaling(args.lr)
-    if args.policy == "loss_based":
-        return schedules.loss_based(alpha0=args.alpha0)
-    if args.policy == "constant":
-        return schedules.constant(args.lr)
-    if args.policy == "h_bound":
-        return schedules.h_bound(c_eta=args.c_eta, lr_before_t0=args.lr)
-    import optax
+def _default_out(prefix: str) -> Path:
+    return Path("runs") / _dt.datetime.now().strftime(f"{prefix}-%Y%m%d-%H%M%S-%f")
 
-    opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad,
-           "sign_sgd": optax.sign_sgd, "sgd_optax": optax.sgd}[args.policy]
-    return schedules.optax_optimizer(optax.inject_hyperparams(opt)(learning_rate=args.lr),
-                                     objective=args.objective)
+
+def _fail(parser, message: str):
+    parser.error(message)   # exits 2 with the usage line
+
+
+# ---------------------------------------------------------------------------------------
+# homoflow run
+
+
+def _add_schema_options(p, names, *, sweep: bool = False):
+    """One option per schema key; defaults stay in the schema (the attribute is absent
+    unless given, so --config files and --resume can tell what was set)."""
+    base = configs.defaults(sweep)
+    for name in names:
+        o = configs.OPTIONS[name]
+        default = base.get(name, o.default)
+        shown = "" if default is None else f" (default: {default:g})" if isinstance(
+            default, float) else f" (default: {default})"
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=o.help + shown)
+        if sweep:
+            kw.update(nargs="+", metavar=name.upper())
+        else:
+            kw["metavar"] = "{" + ",".join(o.choices) + "}" if o.choices else name.upper()
+        p.add_argument(o.flag, type=str, **kw)
 
 
 def _summary_table(summary: dict) -> str:
@@ -82,54 +94,124 @@ def _summary_table(summary: dict) -> str:
                  ("gamma_hat decreases after t0", summary["descent_margin_decreases"])]
     else:
         rows.append(("margins", "not separated: no margin claims"))
-    rows.append(("wall time (s)", f"{summary['wall_time_s']:.2f}"))
+    if summary.get("wall_time_s") is not None:
+        rows.append(("wall time (s)", f"{summary['wall_time_s']:.2f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _run(args) -> int:
-    if args.data == "separable":
-        X, y = data_mod.linearly_separable(args.n, args.dim, args.data_seed)
-        n_outputs = 1
-    else:
-        X, y = data_mod.gaussian_classes(args.n, args.dim, args.classes, args.data_seed)
-        n_outputs = args.classes
-    if args.loss == "cross_entropy" and n_outputs == 1:
-        raise ValueError("--loss cross_entropy needs --data gaussian_classes")
-    model = _build_model(args, args.dim, n_outputs)
-    problem = make_problem(model, losses.get_loss(args.loss), X, y)
-    policy = _build_policy(args)
-    params0 = model.init(jax.random.PRNGKey(args.seed))
-    out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
-        "run-%Y%m%d-%H%M%S-%f")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    how = (f"gradient flow to log t = {args.log_t_max:g}" if args.engine == "flow"
-           else f"{policy.name} steps, {args.steps} iterations")
+def _run_config(args, parser) -> tuple[dict, Path, object]:
+    """The resolved configuration, the prepared run directory and (with --resume) the
+    interrupted trajectory; every check before any compute."""
+    given = {k: getattr(args, k) for k in configs.OPTIONS if hasattr(args, k)}
+    if args.resume:
+        if given or args.config or args.out or args.overwrite:
+            _fail(parser, f"--resume {args.resume} continues that run with its own "
+                          f"configuration; drop {', '.join(configs.OPTIONS[k].flag for k in given) or '--config/--out/--overwrite'}")
+        from .trajectory import Trajectory
+
+        d = Path(args.resume)
+        if not d.is_dir():
+            _fail(parser, f"--resume {d}: no such directory")
+        traj = Trajectory.load(d)
+        if traj.status != "interrupted":
+            _fail(parser, f"--resume {d}: the run's status is {traj.status!r}; only an "
+                          f"interrupted run can be resumed")
+        if traj.meta["engine"] != "descent" or traj.state is None:
+            _fail(parser, f"--resume {d}: only descent runs can be resumed (a flow run's "
+                          f"adaptive solver state is not saved); rerun it with --overwrite")
+        return configs.resolve(traj.meta["config"]), io.prepare_out(d, resume=True), traj
+    raw = {}
+    if args.config:
+        raw.update(configs.read_toml(args.config))
+    raw.update(given)
+    try:
+        config = configs.resolve(raw, given=set(raw))
+    except ValueError as e:
+        _fail(parser, f"{args.config + ': ' if args.config and not given else ''}{e}")
+    out = io.prepare_out(args.out or _default_out("run"), overwrite=args.overwrite)
+    return config, out, None
+
+
+def _run(args, parser) -> int:
+    config, out, previous = _run_config(args, parser)
+    # from here on a signal is a request to stop and save (set-up included)
+    with io.Interrupt() as stop:
+        return _run_in(args, config, out, previous, stop)
+
+
+def _run_in(args, config, out, previous, stop) -> int:
+    jax = _setup_jax(args.no_compile_cache)
+    from . import kkt, losses
+    from .descent import RunStopped, descent
+    from .flow import flow
+    from .plots import plot_trajectory
+    from .problem import make_problem
+
+    X, y = configs.load_data(config)
+    model = configs.build_model(config)
+    problem = make_problem(model, losses.get_loss(config["loss"]), X, y)
+    params0 = model.init(jax.random.PRNGKey(config["seed"]))
+    constants = None
+    if config["policy"] == "h_bound" and config["c_eta"] == "estimate":
+        from .schedules import estimate_smoothness_constants
+        est = estimate_smoothness_constants(problem, jax.random.PRNGKey(0))
+        constants = (est["B0"], est["B1"], est["B2"])
+    policy = configs.build_policy(config, constants) if config["engine"] == "descent" else None
+    how = (f"gradient flow to log t = {config['log_t_max']:g}" if config["engine"] == "flow"
+           else f"{policy.name} steps, {config['steps']} iterations")
+    data = Path(config["data_file"]).name if config["data_file"] else config["data"]
     print(f"homoflow run: {model.name} (L = {model.order:g}, "
-          f"{len(jax.tree_util.tree_leaves(params0))} weight arrays) on {args.data} data "
-          f"(N = {args.n}, d = {args.dim}), {args.loss} loss, {how}")
+          f"{len(jax.tree_util.tree_leaves(params0))} weight arrays) on {data} data "
+          f"(N = {config['n']}, d = {config['dim']}), {config['loss']} loss, {how}"
+          + (f"; resuming at iteration {int(previous['step'][-1])}" if previous else ""),
+          flush=True)
+    if not args.no_progress:
+        print("compiling…" + ("" if args.no_compile_cache else
+                              " (kept in the compilation cache for the next run)"),
+              file=sys.stderr, flush=True)
     code = 0
     try:
-        if args.engine == "flow":
-            traj = flow(problem, params0, log_t_max=args.log_t_max,
-                        progress=not args.no_progress, config=config)
+        if config["engine"] == "flow":
+            traj = flow(problem, params0, log_t_max=config["log_t_max"],
+                        n_saves=config["n_saves"], h_max=config["h_max"],
+                        max_steps=config["max_steps"], progress=not args.no_progress,
+                        config=config, on_record=stop)
         else:
-            traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
-                           key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
-                           config=config, margin_norm=args.margin_norm)
-    except RunStopped as stop:
-        traj, code = stop.trajectory, 2
-        print(f"stopped: {stop}", file=sys.stderr)
-    traj.meta["seed"] = args.seed
+            traj = descent(problem, params0, policy, config["steps"],
+                           batch_size=config["batch_size"],
+                           key=jax.random.PRNGKey(config["seed"]),
+                           n_records=config["n_records"], chunk=config["chunk"],
+                           divergence_factor=config["divergence_factor"],
+                           t0_log_loss=config["t0_log_loss"],
+                           progress=not args.no_progress, config=config,
+                           margin_norm=config["margin_norm"], on_record=stop,
+                           resume=previous)
+    except RunStopped as err:
+        traj, code = err.trajectory, EXIT_STOPPED
+        print(f"stopped: {err}", file=sys.stderr)
+    traj.meta["seed"] = config["seed"]
+    if stop.requested:
+        at = int(traj["step"][-1])
+        traj.meta.update(status="interrupted", interrupted_by=stop.name,
+                         message=f"interrupted by {stop.name} at "
+                                 f"{'iteration' if config['engine'] == 'descent' else 'solver step'}"
+                                 f" {at}; every recorded point is saved"
+                                 + (f"; continue with: homoflow run --resume {out}"
+                                    if traj.state is not None else ""))
+        traj.meta.pop("stopped_by_hook", None)
+        code = EXIT_INTERRUPTED
+    elif code == 0:
+        traj.state = None    # a finished run has nothing to resume
     traj.save(out)
     plot_trajectory(traj, out)
     summary = traj.summary()
     print(_summary_table(summary))
-    if summary["status"] == "not_separated":
+    if summary["status"] in ("not_separated", "interrupted"):
         print(f"note: {summary['message']}")
-    files = "trajectory.csv, columns.npz, snapshots.npz, meta.json, summary.json, loss.png, " \
-            "margins.png, rho.png, beta.png"
-    if not args.no_kkt_report and summary["status"] != "not_separated":
+    files = ", ".join(RUN_FILES) + ", loss.png, margins.png, rho.png, beta.png"
+    if code != EXIT_INTERRUPTED and not args.no_kkt_report and \
+            summary["status"] != "not_separated":
         try:
             report = kkt.convergence_report(problem, traj)
         except ValueError as err:  # e.g. no saved point after separation
@@ -137,108 +219,48 @@ def _run(args) -> int:
         else:
             print("\nconvergence to a KKT point of (P) (last decades of log T):")
             print(kkt.format_report(report))
-            (out / "convergence.md").write_text(kkt.format_report(report, max_rows=50) + "\n")
+            io.write_text(out / "convergence.md", kkt.format_report(report, max_rows=50) + "\n")
             kkt.plot_report(report, out / "convergence.png")
             files += ", convergence.md, convergence.png"
     print(f"run directory: {out}  ({files})")
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="homoflow", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run_parser(sub):
     run = sub.add_parser(
-        "run", help="run gradient descent on a homogeneous model",
+        "run", help="run gradient descent (or gradient flow) on a homogeneous model",
         description="Run gradient descent and record margins. The default problem: a "
                     "bias-free two-layer ReLU network of width 100 on 100 linearly separable "
                     "Gaussian points in 10 dimensions, exponential loss, the loss-based "
-                    "step-size scheduler of Appendix K.1, 10^4 iterations.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--engine", choices=("descent", "flow"), default="descent",
-                     help="gradient descent, or gradient flow (diffrax, then log-polar time)")
-    run.add_argument("--log-t-max", type=float, default=100.0,
-                     help="flow: stop at this log t (natural log of time)")
-    run.add_argument("--model", choices=MODELS, default="mlp", help="model family")
-    run.add_argument("--activation", choices=ACTIVATION_CHOICES, default="relu",
-                     help="mlp activation")
-    run.add_argument("--slope", type=float, default=0.1, help="leaky_relu slope")
-    run.add_argument("--alpha-power", type=float, default=3.0,
-                     help="exponent of relu_power (smooth for > 2)")
-    run.add_argument("--width", type=int, default=100, help="hidden width (mlp, deep_linear)")
-    run.add_argument("--depth", type=int, default=2,
-                     help="number of weight layers (mlp, deep_linear, diagonal_linear)")
-    run.add_argument("--loss", choices=sorted(losses.LOSSES), default="exponential")
-    run.add_argument("--data", choices=sorted(data_mod.DATASETS), default="separable",
-                     help="separable: Gaussian points labelled by a hyperplane; "
-                          "gaussian_classes: --classes Gaussian clusters")
-    run.add_argument("--n", type=int, default=100, help="number of data points")
-    run.add_argument("--dim", type=int, default=10, help="input dimension")
-    run.add_argument("--classes", type=int, default=3, help="classes for gaussian_classes")
-    run.add_argument("--data-seed", type=int, default=0)
-    run.add_argument("--policy", choices=POLICIES, default="loss_based",
-                     help="step sizes: loss_based (eta = alpha/L, Appendix K.1), constant "
-                          "(--lr), h_bound (eta = H(L), Appendix E.1, needs --c-eta), "
-                          "normalized (eta = alpha0/L fixed); steepest descent in a norm: "
-                          "sign (l_inf), coordinate (l1), lp (--p), each with --step; the "
-                          "fast margin maximizers dual_acceleration and "
-                          "progressive_rescaling (--lr: its step); or an optax optimizer "
-                          "(adam, rmsprop, adagrad, sign_sgd, sgd_optax) with --lr and "
-                          "--objective")
-    run.add_argument("--p", type=float, default=2.0,
-                     help="lp: the norm of steepest descent, in [1, inf]")
-    run.add_argument("--step", choices=("loss_based", "normalized", "constant"),
-                     default="loss_based", help="sign, coordinate, lp: their step rule")
-    run.add_argument("--objective", choices=("loss", "log_loss"), default="loss",
-                     help="optax optimizers: minimize L (default, as before) or log L. "
-                          "log_loss keeps the gradient of order one, so an adaptive "
-                          "method's eps does not turn it into GD: with it Adam reaches the "
-                          "l_inf max-margin limit, with loss it stalls near GD's l2 "
-                          "direction (grad L underflows with L)")
-    run.add_argument("--margin-norm", type=float, default=None,
-                     help="also record the margins in this l_p norm (e.g. the --p of lp)")
-    run.add_argument("--lr", type=float, default=1e-4,
-                     help="constant step; h_bound: step before t0; optax: learning rate")
-    run.add_argument("--alpha0", type=float, default=0.1, help="loss_based initial alpha")
-    run.add_argument("--c-eta", type=float, default=None, help="C_eta of the H(L) bound")
-    run.add_argument("--steps", type=int, default=10_000,
-                     help="iterations (GD steps, or SGD epochs with --batch-size)")
-    run.add_argument("--batch-size", type=int, default=None,
-                     help="mini-batch size for SGD (default: full batch)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the initialization")
+                    "step-size scheduler of Appendix K.1, 10^4 iterations. Options may also "
+                    "come from a TOML file (--config; keys as the options, with "
+                    "underscores); options on the command line override it. Ctrl-C stops "
+                    "at the next recorded point and saves everything (status "
+                    "'interrupted', exit 130); --resume DIR continues a descent run bit for "
+                    "bit.")
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="TOML file of options (e.g. model = \"deep_linear\"\\ndepth = 3)")
+    _add_schema_options(run, [k for k in configs.OPTIONS])
     run.add_argument("--out", default=None,
-                     help="run directory (default: a fresh directory under runs/)")
+                     help="run directory (default: a fresh directory under runs/); an "
+                          "existing non-empty one needs --overwrite")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (its files are deleted first)")
+    run.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the interrupted descent run in DIR with its own "
+                          "configuration; the result equals an uninterrupted run bit for bit")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--no-kkt-report", action="store_true",
                      help="skip the closing convergence report (KKT residuals, polished point)")
-    run.set_defaults(func=_run)
-    _add_experiment_parser(sub)
-    _add_sweep_parser(sub)
-    return parser
+    run.add_argument("--no-compile-cache", action="store_true",
+                     help="do not use JAX's persistent compilation cache (also: "
+                          "HOMOFLOW_NO_COMPILE_CACHE=1)")
+    run.set_defaults(func=_run, parser=run)
+    return run
 
 
 # ---------------------------------------------------------------------------------------
 # homoflow sweep
-
-_SWEEP_AXES = {  # option -> (type, help); every option takes one or more values
-    "engine": (str, "descent or flow"), "model": (str, "mlp, deep_linear, diagonal_linear, linear"),
-    "activation": (str, "mlp activation: relu or quadratic"), "depth": (int, "weight layers"),
-    "width": (int, "hidden width"), "loss": (str, "exponential, logistic, cross_entropy"),
-    "data": (str, "separable or gaussian_classes"), "n": (int, "data points"),
-    "dim": (int, "input dimension"), "classes": (int, "classes of gaussian_classes"),
-    "data_seed": (int, "seed of the data (vmapped)"),
-    "seed": (int, "seed of the initialization (vmapped)"),
-    "policy": (str, "constant, loss_based, h_bound, normalized, sign, coordinate or lp"),
-    "step": (str, "sign, coordinate, lp: step rule loss_based, normalized or constant"),
-    "p": (float, "lp: the norm, in [1, inf] (vmapped)"),
-    "lr": (float, "constant step; h_bound: step before t0 (vmapped)"),
-    "alpha0": (float, "loss_based initial alpha (vmapped)"),
-    "r_u": (float, "loss_based growth factor (vmapped)"),
-    "r_d": (float, "loss_based back-off factor (vmapped)"),
-    "c_eta": (str, "h_bound C_eta, or 'estimate' for sampled B0, B1, B2 (vmapped)"),
-    "fraction": (float, "h_bound: eta = fraction * H(L) (vmapped)"),
-    "steps": (int, "descent iterations"), "n_records": (int, "recorded points per run"),
-    "log_t_max": (float, "flow: stop at this log t"), "n_saves": (int, "flow: saved points"),
-}
 
 
 def _add_sweep_parser(sub):
@@ -246,17 +268,20 @@ def _add_sweep_parser(sub):
         "sweep", help="run a grid of configurations (vmapped, sharded over all devices)",
         description="Run every configuration of a grid and write one tidy table "
                     "(table.npz, table.csv, sweep.json) to --out. The grid comes from a TOML "
-                    "file (--grid; keys as in homoflow.sweep.DEFAULTS, a list is an axis) and "
-                    "from the options below, which override it; each option takes one or "
-                    "more values. Step sizes, policy parameters and seeds are vmapped; depth, "
-                    "width, model and loss loop over compiled programs. Started again with "
-                    "the same --out, an interrupted sweep computes only what is missing.")
+                    "file (--grid; keys as the options below, a list is an axis) and from "
+                    "the options, which override it; each option takes one or more values. "
+                    "Step sizes, policy parameters and seeds are vmapped; depth, width, "
+                    "model and loss loop over compiled programs. Started again with the "
+                    "same --out and --resume, an interrupted sweep computes only what is "
+                    "missing (Ctrl-C stops after the batch in progress, exit 130).")
     sw.add_argument("--grid", default=None, help="TOML file with the grid")
-    for name, (typ, hlp) in _SWEEP_AXES.items():
-        sw.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, nargs="+",
-                        default=None, help=hlp)
+    _add_schema_options(sw, configs.SWEEP_KEYS, sweep=True)
     sw.add_argument("--out", default=None,
                     help="output directory (default: a fresh directory under runs/)")
+    sw.add_argument("--resume", action="store_true",
+                    help="--out holds this sweep, interrupted: compute only what is missing")
+    sw.add_argument("--overwrite", action="store_true",
+                    help="replace the sweep in --out (its files are deleted first)")
     sw.add_argument("--max-batch", type=int, default=4096,
                     help="at most this many configurations per compiled call")
     sw.add_argument("--devices", type=int, default=None,
@@ -264,38 +289,69 @@ def _add_sweep_parser(sub):
     sw.add_argument("--distributed", action="store_true",
                     help="call jax.distributed.initialize() first (multi-node)")
     sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sw.set_defaults(func=_sweep)
+    sw.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use JAX's persistent compilation cache")
+    sw.set_defaults(func=_sweep, parser=sw)
+    return sw
 
 
-def _sweep(args) -> int:
-    import tomllib
-
-    from . import sweep as sweep_mod
-
-    if args.distributed:
-        jax.distributed.initialize()
+def _sweep(args, parser) -> int:
     grid = {}
     if args.grid:
-        with open(args.grid, "rb") as fh:
-            grid.update(tomllib.load(fh))
-    for name in _SWEEP_AXES:
-        values = getattr(args, name)
-        if values is not None:
-            if name == "c_eta":
-                values = [v if v == "estimate" else float(v) for v in values]
+        grid.update(configs.read_toml(args.grid))
+    for name in configs.SWEEP_KEYS:
+        if hasattr(args, name):
+            values = getattr(args, name)
             grid[name] = values if len(values) > 1 else values[0]
-    out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
-        "sweep-%Y%m%d-%H%M%S-%f")
+    for name, values in grid.items():   # each value checked before JAX is imported
+        if name not in configs.SWEEP_KEYS:
+            _fail(parser, f"{args.grid}: unknown grid key {name!r}; known: "
+                          f"{', '.join(configs.SWEEP_KEYS)}")
+        for v in values if isinstance(values, list) else [values]:
+            try:
+                configs.check_value(name, v)
+            except ValueError as e:
+                _fail(parser, f"{args.grid + ': ' if args.grid else ''}{e}")
+    if args.max_batch < 1:
+        _fail(parser, f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.devices is not None and args.devices < 1:
+        _fail(parser, f"--devices must be >= 1, got {args.devices}")
+    from . import sweep as sweep_mod   # imports JAX
+
+    try:
+        n_configs = len(sweep_mod.expand(grid))   # every configuration checked first
+    except ValueError as e:
+        _fail(parser, f"{args.grid + ': ' if args.grid else ''}{e}")
+    if args.distributed:   # every process checks its own share; process 0 owns --out
+        if not args.out:
+            _fail(parser, "--distributed needs --out (one directory for every process)")
+        jax = _setup_jax(args.no_compile_cache)
+        jax.distributed.initialize()
+        out = Path(args.out)
+        if jax.process_index() == 0:
+            io.prepare_out(out, resume=args.resume, overwrite=args.overwrite, what="sweep")
+    else:
+        out = io.prepare_out(args.out or _default_out("sweep"), resume=args.resume,
+                             overwrite=args.overwrite, what="sweep")
+        jax = _setup_jax(args.no_compile_cache)
     devices = None if args.devices is None else jax.devices()[: args.devices]
-    table = sweep_mod.sweep(grid, out=out, devices=devices, max_batch=args.max_batch,
-                            progress=not args.no_progress)
-    print(f"homoflow sweep: {table.meta['n_configs']} configurations "
-          f"({len(table.meta['computed'])} computed, {len(table.meta['reused'])} reused) on "
-          f"{table.meta['devices']} device(s), {len(table)} rows in "
-          f"{table.meta['wall_time_s']:.1f} s")
-    for status in sorted(set(table.meta["statuses"])):
-        print(f"  {status}: {table.meta['statuses'].count(status)}")
+    with io.Interrupt("stopping after the batch in progress and saving every finished "
+                      "configuration; send it again to stop at once (the batch is lost)") \
+            as stop:
+        print(f"homoflow sweep: {n_configs} configurations into {out}", flush=True)
+        table = sweep_mod.sweep(grid, out=out, devices=devices, max_batch=args.max_batch,
+                                progress=not args.no_progress, should_stop=stop)
+    m = table.meta
+    print(f"{m['n_configs']} configurations ({len(m['computed'])} computed, "
+          f"{len(m['reused'])} reused) on {m['devices']} device(s), {len(table)} rows in "
+          f"{m['wall_time_s']:.1f} s")
+    for status in sorted(set(m["statuses"])):
+        print(f"  {status}: {m['statuses'].count(status)}")
     print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/)")
+    if stop.requested:
+        print(f"interrupted by {stop.name}: {len(m['missing'])} configurations not computed; "
+              f"continue with the same options and --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -334,13 +390,26 @@ def _add_experiment_parser(sub):
     ex.add_argument("--seed", type=int, default=None)
     ex.add_argument("--out", default=None,
                     help="output directory (default: a fresh directory under runs/)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace the experiment in --out (its files are deleted first)")
     ex.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    ex.set_defaults(func=_experiment)
+    ex.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use JAX's persistent compilation cache")
+    ex.set_defaults(func=_experiment, parser=ex)
+    return ex
 
 
-def _experiment(args) -> int:
+def _experiment(args, parser) -> int:
     import dataclasses
 
+    for name in ("epochs", "epochs_comparison", "hidden", "attack_points", "seed"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("attack_points", "seed") else 1):
+            _fail(parser, f"--{name.replace('_', '-')} must be >= "
+                          f"{0 if name in ('attack_points', 'seed') else 1}, got {v}")
+    out = io.prepare_out(args.out or _default_out("paper-cnn"), overwrite=args.overwrite,
+                         what="experiment")
+    _setup_jax(args.no_compile_cache)
     from .experiments import paper_cnn
 
     config = paper_cnn.QUICK if args.quick else paper_cnn.FULL if args.full else paper_cnn.Config()
@@ -353,24 +422,46 @@ def _experiment(args) -> int:
     if args.attack_points is not None:
         changes["attack_points"] = args.attack_points or None
     config = dataclasses.replace(config, **changes)
-    out = Path(args.out) if args.out else Path("runs") / _dt.datetime.now().strftime(
-        "paper-cnn-%Y%m%d-%H%M%S")
-    result = paper_cnn.run(config, out, progress=not args.no_progress)
+    # the experiment writes its files at the end: a signal stops it at once (exit 130),
+    # with what is already in --out kept
+    with io.Interrupt("stopping now; the experiment writes its tables at its end, so "
+                      "its runs are not saved", immediate=True) as stop:
+        try:
+            result = paper_cnn.run(config, out, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print(f"homoflow experiment: interrupted by {stop.name or 'SIGINT'}; {out} keeps "
+                  f"only what was written before", file=sys.stderr)
+            return EXIT_INTERRUPTED
     print((out / "table1.md").read_text())
     print("checks:", result["checks"])
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homoflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"homoflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    _add_experiment_parser(sub)
+    _add_sweep_parser(sub)
+    return parser
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "run" and args.policy == "h_bound" and args.c_eta is None:
-        parser.error("--policy h_bound needs --c-eta")
     try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"homoflow: error: {e}", file=sys.stderr)
-        return 2
+        return args.func(args, args.parser)
+    except ValueError as e:   # bad input found while setting up (a data file, --out, ...)
+        print(f"homoflow {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:   # a second Ctrl-C: stop at once
+        print(f"homoflow {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

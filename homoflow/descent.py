@@ -374,7 +374,7 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
             support_decades: float = 3.0, snapshots: bool = True,
             t0_log_loss: float | None = None, config: dict | None = None,
             record_at=None, on_record=None, kkt: bool = True, margin_norm=None,
-            sharpness: bool = False) -> Trajectory:
+            sharpness: bool = False, resume: Trajectory | None = None) -> Trajectory:
     """Run gradient descent (or SGD with ``batch_size``) for ``steps`` iterations.
 
     An iteration is one step of full-batch GD, or one epoch of SGD. Diagnostics are
@@ -414,6 +414,12 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     forms and ``log_norm_p``), the quantities l_p steepest descent maximizes.
     ``sharpness=True`` adds ``sharpness`` (top eigenvalue of hess L) and
     ``log_curvature`` (``geometry.sharpness``: Lanczos on Hessian-vector products).
+
+    ``resume=traj`` continues a run that an ``on_record`` hook ended (e.g. an interrupted
+    ``homoflow run``): ``traj.state`` is its loop state at its last row, and the arguments
+    must be those of the original call. The result equals the uninterrupted run's bit for
+    bit (the record grid and the chunks depend only on the step). The returned
+    trajectory's ``state`` is the loop state at its last row.
     """
     cfg = step_config(problem, batch_size=batch_size, divergence_factor=divergence_factor,
                       t0_log_loss=t0_log_loss)
@@ -424,8 +430,14 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     state = _init(problem, params0, policy, cfg, key)
     if not jnp.isfinite(state.log_loss):
         raise ValueError(f"the initial loss is not finite (log L = {float(state.log_loss)})")
-
     rows, snaps = [], []
+    if resume is not None:
+        state = _resumed_state(state, resume)
+        if snapshots and resume.snapshots is None:
+            raise ValueError("resume: the saved run has no snapshots; resume it with "
+                             "snapshots=False, as it was run")
+        rows, snaps = resume.rows(), resume.snapshot_list() if snapshots else []
+
     last_grad_norm = [math.nan]
     start = time.perf_counter()
 
@@ -448,14 +460,23 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
         return stop
 
     hook_stop = None
-    record(state)
+    if resume is None:
+        record(state)
     grid = record_grid(steps, n_records) if record_at is None else _checked_grid(record_at, steps)
-    bar = tqdm(total=steps, disable=not progress, unit="it", leave=False, mininterval=0.5)
-    for target in grid[1:]:
+    grid = grid[grid > int(state.step)]
+    bar = tqdm(total=steps, initial=int(state.step), disable=not progress, unit="it",
+               leave=False, mininterval=0.5, desc="compiling…")
+    compiling = True
+    for target in grid:
         while int(state.step) < target and int(state.status) == RUNNING:
             n = int(min(target - int(state.step), chunk))
             before = int(state.step)
             state = advance(problem, policy, cfg, state, jnp.asarray(n))
+            if compiling:  # no ETA from a rate that includes compilation
+                compiling = False
+                bar.set_description_str("")
+                bar.reset(total=steps)
+                bar.initial = bar.n = bar.last_print_n = before
             bar.update(int(state.step) - before)
             bar.set_postfix(log10_loss=f"{float(state.log_loss) / math.log(10):.4g}")
         if int(state.status) != RUNNING:
@@ -497,11 +518,34 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     if code != RUNNING:
         meta["stopped_at_step"] = int(state.bad_step)
     traj = Trajectory.from_rows(rows, snaps, meta)
+    traj.state = state
     if status in ERRORS:
         raise RunStopped(message, traj, int(state.bad_step), status)
     if status != "completed":
         warnings.warn(message, stacklevel=2)
     return traj
+
+
+def _resumed_state(template: DescentState, resume: Trajectory) -> DescentState:
+    """``resume.state`` (a DescentState, or its leaves as saved by ``Trajectory.save``)
+    checked against the state this call would start from: same leaves, shapes, dtypes."""
+    if resume.state is None:
+        raise ValueError("resume: the trajectory carries no loop state (state.npz); only a "
+                         "run that an on_record hook ended can be resumed")
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    saved = resume.state if isinstance(resume.state, list) else \
+        jax.tree_util.tree_leaves(resume.state)
+    if len(saved) != len(leaves) or any(
+            np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype
+            for a, b in zip(saved, leaves)):
+        raise ValueError(f"resume: the saved loop state ({len(saved)} arrays) does not fit "
+                         f"this problem and policy ({len(leaves)} arrays): resume with the "
+                         f"run's own configuration")
+    state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in saved])
+    if int(state.step) != int(resume["step"][-1]):
+        raise ValueError(f"resume: the loop state is at iteration {int(state.step)} but the "
+                         f"last recorded row at {int(resume['step'][-1])}")
+    return state
 
 
 def _checked_grid(record_at, steps: int) -> np.ndarray:

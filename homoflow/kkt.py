@@ -30,6 +30,7 @@ import scipy.linalg
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from . import io
 from .diagnostics import diagnostics
 from .problem import Problem
 
@@ -1015,7 +1016,7 @@ def plot_report(report: dict, path) -> None:
     ax.set_title("convergence to a KKT point of (P)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.write_figure(fig, path, dpi=120)
 
 
 # --- max-margin references in other norms (optimizer geometry, ``homoflow.geometry``) ------

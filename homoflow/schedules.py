@@ -203,7 +203,7 @@ def h_bound(c_eta: float | None = None, constants: tuple | None = None,
                           "lr_before_t0": lr_before_t0, "fraction": fraction})
 
 
-def optax_optimizer(optimizer, objective: str = "loss") -> Policy:
+def optax_optimizer(optimizer, objective: str = "loss", name: str | None = None) -> Policy:
     """Any optax GradientTransformation.
 
     ``objective`` says which function the optimizer minimizes, and it decides the limit:
@@ -216,6 +216,8 @@ def optax_optimizer(optimizer, objective: str = "loss") -> Policy:
     l_inf margin). Choose ``"log_loss"`` to study an optimizer's own geometry.
     T = sum eta uses the optimizer's ``learning_rate`` hyperparameter when it was built
     with ``optax.inject_hyperparams``, and counts steps (eta = 1) otherwise.
+    ``name`` (e.g. "adam(learning_rate=0.001)") describes the optimizer in the run's
+    metadata and messages (an optax transformation's repr is two function addresses).
     """
     if objective not in ("loss", "log_loss"):
         raise ValueError(f"objective must be 'loss' or 'log_loss', got {objective!r}")
@@ -223,7 +225,8 @@ def optax_optimizer(optimizer, objective: str = "loss") -> Policy:
         raise ValueError(f"expected an optax GradientTransformation, got {optimizer!r}")
     return Policy("optax", lambda: (), lambda st, ll, t0, L: jnp.asarray(0.0),
                   lambda st, ok: st, optimizer=optimizer, objective=objective,
-                  config={"optimizer": repr(optimizer)[:200], "objective": objective})
+                  config={"optimizer": name or "an optax GradientTransformation",
+                          "objective": objective})
 
 
 def optax_log_lr(opt_state) -> jax.Array:
@@ -372,6 +375,6 @@ def progressive_rescaling(lr: float = 0.5, radius0: float = 1.0, growth: float =
 
 
 def _named_optax(name, transform, config) -> Policy:
-    p = optax_optimizer(transform, objective="log_loss")
+    p = optax_optimizer(transform, objective="log_loss", name=name)
     return Policy(name, p.init, p.log_lr, p.update, optimizer=p.optimizer,
                   objective=p.objective, config=config)

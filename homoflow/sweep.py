@@ -17,8 +17,10 @@ process 0 writes the results.
 
 With ``out=DIR`` the sweep is resumable: ``DIR/manifest.json`` lists the grid's
 configurations and each finished configuration is written to ``DIR/configs/NNNNNN.npz``
-(write to a temporary file, then an atomic rename); started again with the same ``DIR``
-and grid, the sweep computes only the configurations without a file.
+with its configuration and a hash (``homoflow.io``: a temporary file, then an atomic
+rename); started again with the same ``DIR`` and grid, the sweep computes only the
+configurations without a valid file of their own. ``DIR/.homoflow.lock`` keeps a second
+sweep out while one computes.
 
 Descent runs the engine's public step (``descent.attempt`` and ``descent.settle_t0``) and
 initial state (``descent.init``), and its statuses come from ``descent.outcome``;
@@ -30,11 +32,11 @@ configuration's columns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,8 +49,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from . import losses, models, schedules
+from . import configs as configs_mod
+from . import io, losses, schedules
 from .descent import RUNNING, StepConfig, attempt, engine_columns, outcome, record_grid, \
     settle_t0, step_config, t0_pending
 from .descent import init as descent_init
@@ -58,43 +60,13 @@ from .models import HomogeneityError
 from .problem import Problem, make_problem
 from .trajectory import package_versions
 
-# every key a grid may hold, with its default
-DEFAULTS: dict[str, Any] = {
-    "engine": "descent",          # "descent" | "flow"
-    "model": "mlp",               # mlp | deep_linear | diagonal_linear | linear | a callable
-    "activation": "relu",         # mlp only: relu | quadratic
-    "depth": 2,                   # number of weight layers (L for ReLU / linear layers)
-    "width": 16,                  # hidden width
-    "loss": "exponential",        # exponential | logistic | cross_entropy
-    "data": "separable",          # separable | gaussian_classes | a callable (n, dim, seed)
-    "n": 32, "dim": 5, "classes": 3,
-    "data_seed": 0,               # vmapped
-    "seed": 0,                    # vmapped: seed of the initialization
-    "policy": "constant",         # constant | loss_based | h_bound | normalized | sign |
-                                  # coordinate | lp (steepest descent, ``schedules.steepest``)
-    "step": "loss_based",         # sign, coordinate, lp: their step rule (loss_based |
-                                  # normalized | constant)
-    "p": 2.0,                     # vmapped: lp's norm (inf allowed)
-    "lr": 0.1,                    # vmapped: constant step; h_bound: the step before t0
-    "alpha0": 0.1, "r_u": 2 ** (1 / 5), "r_d": 2 ** (1 / 10),    # vmapped: loss_based
-    "c_eta": "estimate", "fraction": 1.0,   # vmapped: h_bound (c_eta "estimate": sampled B's)
-    "max_retries": 1000,
-    "steps": 1000, "n_records": 50, "chunk": 20_000, "divergence_factor": 1e4,
-    "t0_log_loss": None,
-    "log_t_max": 20.0, "n_saves": 50, "h_max": 0.01, "max_steps": 100_000,   # flow
-}
+# every key a grid may hold, with its default: the configuration schema's sweep defaults
+# (homoflow.configs: names, choices and checks shared with ``homoflow run``)
+DEFAULTS: dict[str, Any] = configs_mod.defaults(sweep=True)
 VMAPPED = ("seed", "data_seed", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction", "p")
-POLICY_KEYS = {"constant": ("lr",), "loss_based": ("alpha0", "r_u", "r_d"),
-               "h_bound": ("lr", "c_eta", "fraction"), "normalized": ("alpha0",)}
-STEEPEST = {"sign": math.inf, "coordinate": 1.0, "lp": None}   # None: the grid's p
-
-
-def _policy_keys(c: dict) -> tuple:
-    """The grid keys a configuration's policy reads (steepest descent: its step rule's and,
-    for lp, p)."""
-    if c["policy"] in STEEPEST:
-        return POLICY_KEYS.get(c["step"], ()) + (("p",) if c["policy"] == "lp" else ())
-    return POLICY_KEYS.get(c["policy"], ())
+POLICY_KEYS = configs_mod.POLICY_KEYS
+STEEPEST = configs_mod.STEEPEST
+_policy_keys = configs_mod.policy_keys
 _AXIS = "configs"
 _SCALAR_SKIP = ("margins", "rho_layers")
 
@@ -124,9 +96,15 @@ def expand(grid: dict) -> list[dict]:
             raise ValueError(f"grid axis {k!r} is an empty list: the grid has no configurations")
         axes[k] = v
     configs = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-    for c in configs:
+    resolved = []
+    for i, c in enumerate(configs):
+        try:
+            c = configs_mod.resolve(c, sweep=True, given=set(grid))
+        except ValueError as e:
+            raise ValueError(f"configuration {i}: {e}") from None
         _check_policy_axes(c, {k for k, v in axes.items() if len(v) > 1})
-    return configs
+        resolved.append(c)
+    return resolved
 
 
 def _check_policy_axes(c: dict, swept: set):
@@ -152,8 +130,8 @@ _LOSSES: dict = {}
 
 
 def _model(c: dict):
-    key = tuple(_name(c[k]) for k in ("model", "activation", "depth", "width", "dim", "data",
-                                      "classes")) + (c["model"] if callable(c["model"]) else None,)
+    key = tuple(_name(c[k]) for k in ("model", "activation", "slope", "alpha_power", "depth",
+                                      "width", "dim", "data", "data_file", "loss", "classes")) + (c["model"] if callable(c["model"]) else None,)
     if key not in _MODELS:
         _MODELS[key] = _build_model(c)
     return _MODELS[key]
@@ -166,62 +144,23 @@ def _loss(name: str):
 
 
 def _build_model(c: dict):
-    depth, width, dim = int(c["depth"]), int(c["width"]), int(c["dim"])
-    n_out = int(c["classes"]) if c["data"] == "gaussian_classes" else 1
-    if callable(c["model"]):
-        return c["model"](depth=depth, width=width, dim=dim, n_outputs=n_out)
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    widths = (dim,) + (width,) * (depth - 1) + (n_out,)
-    if c["model"] == "mlp":
-        return models.mlp(widths, c["activation"])
-    if c["model"] == "deep_linear":
-        return models.deep_linear(widths)
-    if c["model"] == "diagonal_linear":
-        return models.diagonal_linear(dim, depth)
-    if c["model"] == "linear":
-        if depth != 1:
-            raise ValueError(f"model 'linear' has depth 1, got depth {depth}")
-        return models.linear(dim, n_out)
-    raise ValueError(f"unknown model {c['model']!r}; use mlp, deep_linear, diagonal_linear, "
-                     f"linear or a callable (depth, width, dim, n_outputs) -> Model")
+    return configs_mod.build_model(c)
 
 
 def _data(c: dict, data_seed: int):
-    if callable(c["data"]):  # a binary data set of your own: (n, dim, seed) -> (X, y)
-        return c["data"](n=int(c["n"]), dim=int(c["dim"]), seed=int(data_seed))
-    if c["data"] == "separable":
-        return data_mod.linearly_separable(int(c["n"]), int(c["dim"]), int(data_seed))
-    if c["data"] == "gaussian_classes":
-        return data_mod.gaussian_classes(int(c["n"]), int(c["dim"]), int(c["classes"]),
-                                         int(data_seed))
-    raise ValueError(f"unknown data {c['data']!r}; use separable or gaussian_classes")
+    return configs_mod.load_data(c, data_seed)
 
 
 def _policy(c: dict, problem: Problem | None):
     """The configuration's policy (validates its hyperparameters eagerly). Without a
     problem, C_eta "estimate" is validated with placeholder constants (sampling B0, B1, B2
     is compute, left to the run)."""
-    name = c["policy"]
-    if name == "constant":
-        return schedules.constant(c["lr"])
-    if name == "loss_based":
-        return schedules.loss_based(c["alpha0"], c["r_u"], c["r_d"], int(c["max_retries"]))
-    if name == "h_bound":
+    constants = None
+    if c["policy"] == "h_bound" or (c["policy"] in STEEPEST and c["step"] == "h_bound"):
         if c["c_eta"] == "estimate":
             est = _estimate(problem) if problem is not None else {"B0": 1, "B1": 1, "B2": 0}
-            return schedules.h_bound(constants=(est["B0"], est["B1"], est["B2"]),
-                                     lr_before_t0=c["lr"], fraction=c["fraction"])
-        return schedules.h_bound(c_eta=c["c_eta"], lr_before_t0=c["lr"], fraction=c["fraction"])
-    if name == "normalized":
-        return schedules.normalized(c["alpha0"])
-    if name in STEEPEST:
-        if c["step"] not in ("loss_based", "normalized", "constant"):
-            raise ValueError(f"unknown step {c['step']!r} for policy {name!r}; use "
-                             f"loss_based, normalized or constant")
-        step = _policy({**c, "policy": c["step"]}, problem)
-        return schedules.steepest(c["p"] if STEEPEST[name] is None else STEEPEST[name], step)
-    raise ValueError(f"unknown policy {name!r}; use one of {sorted([*POLICY_KEYS, *STEEPEST])}")
+            constants = (est["B0"], est["B1"], est["B2"])
+    return configs_mod.build_policy(c, constants)
 
 
 _ESTIMATES: dict = {}
@@ -542,92 +481,92 @@ class SweepTable:
     def save(self, directory) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic(d / "table.npz", lambda f: np.savez(f, **self.columns))
-        _atomic(d / "sweep.json", lambda f: f.write(json.dumps(_jsonable(self.meta),
-                                                              indent=1).encode()))
+        io.write_npz(d / "table.npz", **self.columns)
         names = list(self.columns)
-        lines = [",".join(names)] + [",".join(_csv(self.columns[k][r]) for k in names)
-                                     for r in range(len(self))]
-        _atomic(d / "table.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        io.write_csv(d / "table.csv", names, [self.columns[k] for k in names])
+        io.write_json(d / "sweep.json", self.meta, indent=1)
         return d
 
     @classmethod
     def load(cls, directory) -> SweepTable:
         d = Path(directory)
-        with np.load(d / "table.npz") as f:
-            columns = {k: f[k] for k in f.files}
-        return cls(columns, json.loads((d / "sweep.json").read_text()))
+        advice = "rerun the sweep with the same --out: it rebuilds the table from configs/"
+        meta = io.read_json(d / "sweep.json", advice)
+        columns = io.read_npz(d / "table.npz", ("config", "status", "step"), advice)
+        n = len(columns["config"])
+        bad = {k: v.shape for k, v in columns.items() if v.ndim != 1 or len(v) != n}
+        if bad:
+            raise io.CorruptFileError(f"{d / 'table.npz'}: columns of unequal length ({n} "
+                                      f"rows, but {bad}); {advice}")
+        return cls(columns, meta)
 
 
-def _csv(v) -> str:
-    s = str(v.item() if hasattr(v, "item") else v)
-    return f'"{s}"' if "," in s else s
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else str(f)
-    if callable(obj):
-        return _name(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return repr(obj)
-
-
-def _atomic(path: Path, write: Callable) -> None:
-    """Write ``path`` through a temporary file in the same directory and an atomic rename,
-    so a reader (or a resumed sweep) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_jsonable = io.jsonable
 
 
 def _config_file(out: Path, i: int) -> Path:
     return out / "configs" / f"{i:06d}.npz"
 
 
-def _save_config(out: Path, i: int, cols: dict, meta: dict) -> None:
-    blob = json.dumps(_jsonable(meta))
-    _atomic(_config_file(out, i), lambda f: np.savez(f, __meta__=np.asarray(blob), **cols))
+def _save_config(out: Path, i: int, cols: dict, meta: dict, config: dict) -> None:
+    """Configuration ``i``'s rows, with the configuration itself and its hash: a resume
+    reuses the file only for the same configuration."""
+    blob = json.dumps(io.jsonable({**meta, "config": config,
+                                   "config_hash": io.config_hash(config)}))
+    io.write_npz(_config_file(out, i), __meta__=np.asarray(blob), **cols)
 
 
-def _load_config(out: Path, i: int) -> tuple[dict, dict]:
-    with np.load(_config_file(out, i)) as f:
-        cols = {k: f[k] for k in f.files if k != "__meta__"}
-        meta = json.loads(str(f["__meta__"]))
-    return cols, meta
+def _load_config(out: Path, i: int, config: dict) -> tuple[dict, dict] | None:
+    """Configuration ``i``'s saved rows, or None (with a warning) when the file is damaged
+    or was computed for another configuration: then it is computed again."""
+    import warnings
+
+    path = _config_file(out, i)
+    try:
+        arrays = io.read_npz(path, ("__meta__", "step"))
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (io.CorruptFileError, ValueError) as e:
+        warnings.warn(f"configuration {i}: {e}; computing it again", stacklevel=3)
+        return None
+    want = io.config_hash(config)
+    if meta.get("config_hash") != want or meta.get("config") != io.jsonable(config):
+        warnings.warn(f"{path} was computed for another configuration (hash "
+                      f"{meta.get('config_hash')}, this one {want}); computing it again",
+                      stacklevel=3)
+        return None
+    return arrays, meta
 
 
 def _manifest(out: Path, configs: list[dict]) -> None:
-    spec = _jsonable(configs)
+    spec = io.jsonable(configs)
     path = out / "manifest.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        if old["configs"] != spec:
-            raise ValueError(f"{out} holds a different sweep ({len(old['configs'])} "
-                             f"configurations); use a new output directory")
+        old = io.read_json(path, "delete the directory's manifest.json (its configs/ "
+                                 "files are checked one by one) or use a new --out")
+        if old.get("configs") != spec:
+            raise ValueError(f"{out} holds a different sweep ({len(old.get('configs', []))} "
+                             f"configurations); use a new output directory or --overwrite")
         return
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda f: f.write(json.dumps({"configs": spec}, indent=1).encode()))
+    io.write_json(path, {"configs": spec, "hashes": [io.config_hash(c) for c in configs]},
+                  indent=1)
 
 
 def _assemble(configs: list[dict], results: dict, meta: dict) -> SweepTable:
+    """The table of the configurations in ``results`` (all of them, unless interrupted)."""
     parts, statuses = [], []
     for i, c in enumerate(configs):
+        if i not in results:
+            continue
         cols, m = results[i]
         n = len(next(iter(cols.values())))
         statuses.append(m["status"])
         parts.append((i, c, cols, m, n))
+    if not parts:   # interrupted before any configuration finished
+        return SweepTable({"config": np.zeros(0, np.int64), "status": np.zeros(0, str),
+                           "step": np.zeros(0, np.int64)},
+                          {**meta, "configs": _jsonable(configs), "statuses": [],
+                           "config_meta": []})
     traj_keys = [k for k in parts[0][2]]
     for _, _, cols, _, _ in parts[1:]:
         traj_keys += [k for k in cols if k not in traj_keys]
@@ -643,7 +582,7 @@ def _assemble(configs: list[dict], results: dict, meta: dict) -> SweepTable:
             np.asarray(cols[k], np.float64) if k in cols else np.full(n, np.nan)
             for _, _, cols, _, n in parts])
     meta = {**meta, "configs": _jsonable(configs), "statuses": statuses,
-            "config_meta": [_jsonable(results[i][1]) for i in range(len(configs))]}
+            "config_meta": [_jsonable(results[i][1]) for i in sorted(results)]}
     return SweepTable(columns, meta)
 
 
@@ -655,17 +594,24 @@ def _show_step(bar, n_configs: int, step: int) -> None:
 
 
 def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
-          progress: bool = True, on_config: Callable[[int], None] | None = None) -> SweepTable:
+          progress: bool = True, on_config: Callable[[int], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> SweepTable:
     """Run every configuration of ``grid`` (see ``DEFAULTS`` for the keys) and return the
     tidy table.
 
     Configurations that share a model shape run as one jitted, vmapped program (at most
     ``max_batch`` at a time), sharded along the configuration axis over ``devices``
     (default: all of ``jax.devices()``). With ``out`` the finished configurations are
-    written one file each and a repeated call computes only the missing ones; the table
-    is written to ``out/table.npz``, ``table.csv`` and ``sweep.json``. ``on_config(i)`` is
-    called after configuration ``i`` is finished (and written); an exception raised there
-    stops the sweep with everything finished so far kept.
+    written one file each (with the configuration and its hash) and a repeated call
+    computes only the missing ones -- a file that is damaged or belongs to another
+    configuration is computed again, with a warning; the table is written to
+    ``out/table.npz``, ``table.csv`` and ``sweep.json``. While it computes, ``out`` is
+    locked (``io.DirectoryLock``): a second sweep on the same directory is refused.
+    ``on_config(i)`` is called after configuration ``i`` is finished (and written); an
+    exception raised there stops the sweep with everything finished so far kept.
+    ``should_stop()`` is polled after every batch: when it returns True the sweep stops
+    there and returns (and writes) the table of the finished configurations with
+    ``meta["status"] = "interrupted"`` and ``meta["missing"]``.
 
     Bad input raises before any compute: an empty grid or axis, unknown keys or names, a
     non-positive step size or policy parameter, a model whose declared order the
@@ -675,13 +621,25 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
     groups = plan(configs)
     mesh = _mesh(devices)
     out = Path(out) if out is not None else None
+    writer = out is not None and jax.process_index() == 0
+    lock = io.DirectoryLock(out) if writer else contextlib.nullcontext()
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    with lock:
+        return _sweep(configs, groups, mesh, out, writer, max_batch, progress, on_config,
+                      should_stop)
+
+
+def _sweep(configs, groups, mesh, out, writer, max_batch, progress, on_config, should_stop):
     results: dict[int, tuple[dict, dict]] = {}
     if out is not None:
-        if jax.process_index() == 0:
+        if writer:
             _manifest(out, configs)
         for i in range(len(configs)):
             if _config_file(out, i).exists():
-                results[i] = _load_config(out, i)
+                loaded = _load_config(out, i, configs[i])
+                if loaded is not None:
+                    results[i] = loaded
     reused = sorted(results)
     todo = [(g, [i for i in g.ids if i not in results]) for g in groups]
     todo = [(g, ids) for g, ids in todo if ids]
@@ -689,6 +647,7 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
                leave=False, mininterval=0.5)
     start = time.perf_counter()
     computed = []
+    stopped = False
     try:
         for gi, (g, ids) in enumerate(todo):
             run = _run_descent_group if g.static["engine"] == "descent" else _run_flow_group
@@ -702,18 +661,25 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
                 for i in batch:
                     results[i] = done[i]
                     computed.append(i)
-                    if out is not None and jax.process_index() == 0:
-                        _save_config(out, i, *done[i])
+                    if writer:
+                        _save_config(out, i, *done[i], configs[i])
                     bar.update(1)
                     if on_config is not None:
                         on_config(i)
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+            if stopped:
+                break
     finally:
         bar.close()
-    meta = {"n_configs": len(configs), "computed": computed, "reused": reused,
+    meta = {"status": "interrupted" if stopped else "completed",
+            "n_configs": len(configs), "computed": computed, "reused": reused,
+            "missing": [i for i in range(len(configs)) if i not in results],
             "wall_time_s": time.perf_counter() - start, "devices": mesh.size,
             "device_kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
             "vmapped": list(VMAPPED), "versions": package_versions()}
     table = _assemble(configs, results, meta)
-    if out is not None and jax.process_index() == 0:
+    if writer:
         table.save(out)
     return table

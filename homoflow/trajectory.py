@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import io
+
 # scalar columns in the order tables and CSV files show them
 COLUMNS = (
     "step", "attempts", "log_T", "log_lr", "log_loss", "rho", "log_rho", "q_min",
@@ -20,6 +21,9 @@ COLUMNS = (
     "layer_smoothed_margin", "descent_margin", "beta", "nu_over_loss", "n_support",
     "separated",
 )
+REQUIRED = ("step", "log_T", "log_loss")   # what every engine records, and load checks
+_LOAD_ADVICE = ("rerun into a fresh directory (or with --overwrite); a run directory is "
+                "meta.json, columns.npz, snapshots.npz and summary.json as homoflow wrote them")
 
 
 def package_versions() -> dict:
@@ -66,13 +70,17 @@ class Trajectory:
     """Columns (1-D arrays over recorded points, ``rho_layers`` and ``margins`` 2-D),
     parameter snapshots stacked along a leading axis, and the run's metadata.
 
-    ``meta`` holds: engine, status ("completed", "not_separated", or why it stopped),
-    message, t0_step / log_loss_t0 (None if never separated), config, seed, versions.
+    ``meta`` holds: engine, status ("completed", "not_separated", "interrupted", or why it
+    stopped), message, t0_step / log_loss_t0 (None if never separated), config, seed,
+    versions. ``state`` is the engine's loop state at the last row (descent: its
+    ``DescentState``, or after ``load`` its leaves), saved as ``state.npz`` so that
+    ``descent(..., resume=traj)`` continues the run bit for bit.
     """
 
     columns: dict[str, np.ndarray]
     snapshots: Any = None
     meta: dict = field(default_factory=dict)
+    state: Any = None
 
     @classmethod
     def from_rows(cls, rows: list[dict], snaps: list, meta: dict) -> "Trajectory":
@@ -140,33 +148,71 @@ class Trajectory:
             raise ImportError("Trajectory.to_pandas needs pandas: pip install pandas") from e
         return pd.DataFrame({k: v for k, v in self.columns.items() if v.ndim == 1})
 
+    def rows(self) -> list[dict]:
+        """The recorded points as per-record dicts (``from_rows``'s input)."""
+        return [{k: v[i] for k, v in self.columns.items()} for i in range(len(self))]
+
+    def snapshot_list(self) -> list:
+        """The parameter snapshots as one pytree per recorded point."""
+        if self.snapshots is None:
+            return []
+        n = len(jax.tree_util.tree_leaves(self.snapshots)[0])
+        return [jax.tree_util.tree_map(lambda x: x[i], self.snapshots) for i in range(n)]
+
     def save(self, directory) -> Path:
+        """Write the run directory; every file atomically, ``meta.json`` last (a directory
+        with a readable meta.json holds a whole run)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / "columns.npz", **self.columns)
+        io.write_npz(d / "columns.npz", **self.columns)
         if self.snapshots is not None:
-            np.savez(d / "snapshots.npz", **_flatten_with_names(self.snapshots))
-        with open(d / "meta.json", "w") as fh:
-            json.dump(_jsonable(self.meta), fh, indent=2)
-        with open(d / "summary.json", "w") as fh:
-            json.dump(_jsonable(self.summary()), fh, indent=2)
+            io.write_npz(d / "snapshots.npz", **_flatten_with_names(self.snapshots))
+        if self.state is not None:
+            io.write_npz(d / "state.npz", **_state_arrays(self.state))
+        else:
+            (d / "state.npz").unlink(missing_ok=True)
         scalar = [k for k in self.columns if self.columns[k].ndim == 1]
-        np.savetxt(d / "trajectory.csv", np.column_stack([self.columns[k] for k in scalar]),
-                   delimiter=",", header=",".join(scalar), comments="")
+        io.write_csv(d / "trajectory.csv", scalar,   # booleans as 0/1: every column numeric
+                     [self.columns[k].astype(np.int64) if self.columns[k].dtype == bool
+                      else self.columns[k] for k in scalar])
+        io.write_json(d / "summary.json", self.summary())
+        io.write_json(d / "meta.json", self.meta)
         return d
 
     @classmethod
     def load(cls, directory) -> "Trajectory":
+        """Read a run directory back, checking each file: a missing, truncated or
+        incomplete file raises ``io.CorruptFileError`` naming it."""
         d = Path(directory)
-        with np.load(d / "columns.npz") as f:
-            columns = {k: f[k] for k in f.files}
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such run directory")
+        meta = io.read_json(d / "meta.json", _LOAD_ADVICE)
+        if not isinstance(meta, dict) or "engine" not in meta or "status" not in meta:
+            raise io.CorruptFileError(f"{d / 'meta.json'}: not a run's metadata (no 'engine' "
+                                      f"and 'status'); {_LOAD_ADVICE}")
+        columns = io.read_npz(d / "columns.npz", REQUIRED, _LOAD_ADVICE)
+        n = len(columns["step"])
+        short = {k: len(v) for k, v in columns.items() if v.ndim == 0 or len(v) != n}
+        if short:
+            raise io.CorruptFileError(f"{d / 'columns.npz'}: columns of unequal length ({n} "
+                                      f"steps, but {short}); {_LOAD_ADVICE}")
         snapshots = None
         if (d / "snapshots.npz").exists():
-            with np.load(d / "snapshots.npz") as f:
-                snapshots = _unflatten_from_names({k: f[k] for k in f.files})
-        with open(d / "meta.json") as fh:
-            meta = json.load(fh)
-        return cls(columns, snapshots, meta)
+            arrays = io.read_npz(d / "snapshots.npz", advice=_LOAD_ADVICE)
+            bad = {k: v.shape for k, v in arrays.items() if v.ndim == 0 or len(v) != n}
+            if bad:
+                raise io.CorruptFileError(f"{d / 'snapshots.npz'}: snapshots do not match "
+                                          f"the {n} recorded points ({bad}); {_LOAD_ADVICE}")
+            snapshots = _unflatten_from_names(arrays)
+        state = None
+        if (d / "state.npz").exists():
+            arrays = io.read_npz(d / "state.npz", advice=_LOAD_ADVICE)
+            state = [arrays[f"leaf_{i:04d}"] for i in range(len(arrays))
+                     if f"leaf_{i:04d}" in arrays]
+            if len(state) != len(arrays):
+                raise io.CorruptFileError(f"{d / 'state.npz'}: leaves are not numbered "
+                                          f"leaf_0000.. ({sorted(arrays)[:5]}); {_LOAD_ADVICE}")
+        return cls(columns, snapshots, meta, state)
 
 
 class RunStopped(RuntimeError):
@@ -178,18 +224,13 @@ class RunStopped(RuntimeError):
         self.trajectory, self.step, self.reason = trajectory, step, reason
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return repr(obj)
+def _state_arrays(state) -> dict[str, np.ndarray]:
+    """An engine state's leaves as ``leaf_0000, leaf_0001, ...`` (typed PRNG keys as their
+    key data); the engine rebuilds the structure from its own initial state."""
+    def raw(x):
+        if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    leaves = state if isinstance(state, list) else jax.tree_util.tree_leaves(state)
+    return {f"leaf_{i:04d}": raw(x) for i, x in enumerate(leaves)}

@@ -1,3 +1,5 @@
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -6,6 +8,9 @@ import scipy.optimize
 import homoflow  # noqa: F401  (switches on float64)
 from homoflow import data, losses, models
 from homoflow.problem import make_problem
+
+# in-process CLI calls leave this process's JAX without a persistent compilation cache
+os.environ.setdefault("HOMOFLOW_NO_COMPILE_CACHE", "1")
 
 # float64 tolerances used throughout (stated per test where they differ)
 RTOL_F64 = 1e-9

@@ -222,7 +222,9 @@ def test_cli_sweep_from_toml_and_command_line(tmp_path, full):
         (lr, s) for lr in (0.01, 0.02, 0.03, 0.05) for s in (0, 1)]
     _tables_equal(table, full)
     assert (out / "table.csv").read_text().splitlines()[0].startswith("config,")
-    assert main(["sweep", "--lr", "-1", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exit_:   # refused before JAX is set up
+        main(["sweep", "--lr", "-1", "--no-progress"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.slow
@@ -239,3 +241,49 @@ def test_flow_sweep_equals_flow_batch():
     for (cfg, cols), tr in zip(table.runs(), ref):
         assert _rel(cols["log_loss"], tr["log_loss"]) <= 1e-10
         assert math.isclose(cols["log_T"][-1], tr["log_T"][-1], rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# issue 16: per-configuration files carry their configuration; damaged ones are recomputed;
+# a lock keeps a second sweep out
+
+
+def test_resume_recomputes_damaged_files_and_files_of_another_configuration(tmp_path, full,
+                                                                           monkeypatch):
+    out = tmp_path / "sw"
+    sweep.sweep(GRID, out=out, progress=False, max_batch=3)
+    files = out / "configs"
+    # configuration 1 gets configuration 0's file (another lr); 2 is truncated
+    (files / "000001.npz").write_bytes((files / "000000.npz").read_bytes())
+    blob = (files / "000002.npz").read_bytes()
+    (files / "000002.npz").write_bytes(blob[: len(blob) // 3])
+    computed = []
+    real = sweep._run_descent_group
+
+    def spy(g, configs, ids, mesh, progress, size=None):
+        computed.extend(ids)
+        return real(g, configs, ids, mesh, progress, size)
+
+    monkeypatch.setattr(sweep, "_run_descent_group", spy)
+    with pytest.warns(UserWarning) as record:
+        again = sweep.sweep(GRID, out=out, progress=False, max_batch=3)
+    text = " ".join(str(w.message) for w in record)
+    assert "000001.npz was computed for another configuration" in text
+    assert "000002.npz: not a readable .npz archive" in text
+    assert sorted(computed) == [1, 2]
+    _tables_equal(again, full)
+
+
+def test_a_locked_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    out = tmp_path / "sw"
+    out.mkdir()
+    with homoflow.io.DirectoryLock(out):   # held by this (live) process
+        with pytest.raises(ValueError, match=r"is locked by process \d+"):
+            sweep.sweep({**TINY, "steps": 20}, out=out, progress=False)
+    lock = out / homoflow.io.LOCK_NAME
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    import socket
+    lock.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
+    table = sweep.sweep({**TINY, "steps": 20}, out=out, progress=False)
+    assert table.meta["status"] == "completed" and not lock.exists()
