@@ -364,6 +364,7 @@ def _experiment(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)   # the program starts here: float64 (DESIGN §2)
     if args.command == "run" and args.policy == "h_bound" and args.c_eta is None:
         parser.error("--policy h_bound needs --c-eta")
     try:
