@@ -13,8 +13,9 @@ from . import data as data_mod
 from . import kkt, losses, models, schedules
 from .descent import RunStopped, descent
 from .flow import flow
-from .plots import plot_trajectory
+from .plots import save_summary
 from .problem import make_problem
+from .report import add_parser as add_report_parser
 
 MODELS = ("mlp", "linear", "deep_linear", "diagonal_linear")
 ACTIVATION_CHOICES = ("relu", "leaky_relu", "relu_power", "quadratic")
@@ -122,13 +123,12 @@ def _run(args) -> int:
         print(f"stopped: {stop}", file=sys.stderr)
     traj.meta["seed"] = args.seed
     traj.save(out)
-    plot_trajectory(traj, out)
     summary = traj.summary()
     print(_summary_table(summary))
     if summary["status"] == "not_separated":
         print(f"note: {summary['message']}")
-    files = "trajectory.csv, columns.npz, snapshots.npz, meta.json, summary.json, loss.png, " \
-            "margins.png, rho.png, beta.png"
+    files = "trajectory.csv, columns.npz, snapshots.npz, meta.json, summary.json, summary.png"
+    report = None
     if not args.no_kkt_report and summary["status"] != "not_separated":
         try:
             report = kkt.convergence_report(problem, traj)
@@ -140,6 +140,7 @@ def _run(args) -> int:
             (out / "convergence.md").write_text(kkt.format_report(report, max_rows=50) + "\n")
             kkt.plot_report(report, out / "convergence.png")
             files += ", convergence.md, convergence.png"
+    save_summary(traj, out, report)   # the one-page dashboard, with the polished margin
     print(f"run directory: {out}  ({files})")
     return code
 
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     _add_experiment_parser(sub)
     _add_sweep_parser(sub)
+    add_report_parser(sub)   # homoflow report DIR... (homoflow/report.py)
     return parser
 
 
@@ -262,7 +264,10 @@ def _add_sweep_parser(sub):
     sw.add_argument("--devices", type=int, default=None,
                     help="use the first N devices (default: all)")
     sw.add_argument("--distributed", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-node)")
+                    help="multi-process: jax.distributed via sweep.initialize_distributed "
+                         "(a managed cluster is detected; elsewhere set "
+                         "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, "
+                         "JAX_PROCESS_ID); process 0 writes")
     sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sw.set_defaults(func=_sweep)
 
@@ -273,7 +278,7 @@ def _sweep(args) -> int:
     from . import sweep as sweep_mod
 
     if args.distributed:
-        jax.distributed.initialize()
+        sweep_mod.initialize_distributed()
     grid = {}
     if args.grid:
         with open(args.grid, "rb") as fh:

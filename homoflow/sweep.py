@@ -11,9 +11,11 @@ all of them at once. Axes that change shapes or code (``depth``, ``width``, ``mo
 The vmapped axis is sharded over every device of the run (``jax.sharding``: a 1-D device
 mesh with axis ``"configs"``, named shardings on the inputs and ``jax.shard_map`` for the
 loop, so each device runs its own ``while_loop`` over its configurations without talking
-to the others). Across nodes call ``jax.distributed.initialize()`` first: ``jax.devices()``
-is then the devices of every process, each process computes its share of the batch, and
-process 0 writes the results.
+to the others). Across nodes call ``initialize_distributed()`` first (``jax.distributed``;
+``homoflow sweep --distributed``): ``jax.devices()`` is then the devices of every process,
+each process computes its share of the batch, and process 0 alone writes. Every process
+runs the configurations process 0 finds unfinished, so a resumed distributed sweep needs
+``out`` on a file system every process can read.
 
 With ``out=DIR`` the sweep is resumable: ``DIR/manifest.json`` lists the grid's
 configurations and each finished configuration is written to ``DIR/configs/NNNNNN.npz``
@@ -281,6 +283,33 @@ def _describe(c: dict) -> str:
 
 # ---------------------------------------------------------------------------------------
 # devices
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for a multi-process sweep. On a managed cluster
+    (SLURM, Open MPI, Kubernetes, Cloud TPU) JAX finds everything itself; elsewhere give the
+    coordinator ``host:port``, the number of processes and this process's id, as arguments
+    or as the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (JAX reads only the first). Call it before anything else touches JAX's
+    devices. On CPUs the processes exchange their results through gloo collectives."""
+    env = os.environ
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def _from_process_0(mask: np.ndarray) -> np.ndarray:
+    """Process 0's value of a boolean mask, on every process: which configurations a
+    resumed sweep reuses must not depend on what each process happens to see on disk,
+    or the processes would run different batches and wait for each other forever."""
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(mask)).astype(bool)
 
 
 def _mesh(devices) -> Mesh:
@@ -683,9 +712,10 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
     if out is not None:
         if jax.process_index() == 0:
             _manifest(out, configs)
-        for i in range(len(configs)):
-            if _config_file(out, i).exists():
-                results[i] = _load_config(out, i)
+        finished = _from_process_0(np.asarray([_config_file(out, i).exists()
+                                               for i in range(len(configs))]))
+        for i in np.flatnonzero(finished):
+            results[int(i)] = _load_config(out, int(i))
     reused = sorted(results)
     todo = [(g, [i for i in g.ids if i not in results]) for g in groups]
     todo = [(g, ids) for g, ids in todo if ids]
