@@ -98,9 +98,18 @@ def status_rows(table) -> list[dict]:
     return rows
 
 
-def status_table(table) -> str:
-    """The per-configuration status table of a sweep, as markdown."""
-    return markdown(status_rows(table))
+def status_table(table, max_rows: int | None = None) -> str:
+    """The per-configuration status table of a sweep, as markdown (with ``max_rows``: the
+    first rows, and a count of the statuses of all)."""
+    rows = status_rows(table)
+    if max_rows is None or len(rows) <= max_rows:
+        return markdown(rows)
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return (markdown(rows[:max_rows]) + f"\n... {len(rows) - max_rows} more configurations "
+            f"(all in status.md); statuses: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 def write_sweep_report(table, out) -> list[Path]:
