@@ -182,7 +182,7 @@ class _Dashboard:
                     a["kkt"].plot(x[ok], v[ok], ls, marker=".", label=tag(text), **kw)
 
     def finish(self, no_separation: bool) -> None:
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, NullFormatter
 
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         for name in ("loss_ratio", "beta", "kkt"):   # 4, not 4×10⁰, on a short log axis
@@ -190,7 +190,8 @@ class _Dashboard:
                 lo, hi = self.ax[name].get_ylim()
                 if hi / lo < 100:
                     self.ax[name].yaxis.set_major_formatter(plain)
-                    self.ax[name].yaxis.set_minor_formatter(plain)
+                    self.ax[name].yaxis.set_minor_formatter(plain if hi / lo < 10
+                                                            else NullFormatter())
         for name, ax in self.ax.items():
             if ax.lines:
                 handles, labels = ax.get_legend_handles_labels()
