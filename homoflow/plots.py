@@ -118,9 +118,6 @@ class _Dashboard:
 
         inv = -np.asarray(c["log_loss"], np.float64) / LN10
         a["loss"].plot(x[keep], inv[keep], ".-", label=label, **kw)
-        if not many and np.nanmin(inv[keep], initial=np.inf) > 0 and \
-                np.nanmax(inv[keep], initial=0) / np.nanmin(inv[keep], initial=np.inf) > 10:
-            a["loss"].set_yscale("log")
         if not many:
             first = np.flatnonzero(after)
             if first.size:
@@ -184,6 +181,11 @@ class _Dashboard:
     def finish(self, no_separation: bool) -> None:
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
+        ys = [np.asarray(ln.get_ydata(), np.float64) for ln in self.ax["loss"].lines]
+        ys = np.concatenate(ys) if ys else np.zeros(0)
+        ys = ys[np.isfinite(ys)]
+        if ys.size and ys.min() > 0 and ys.max() / ys.min() > 10:   # log(1/L) spans decades
+            self.ax["loss"].set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         for name in ("loss_ratio", "beta", "kkt"):   # 4, not 4×10⁰, on a short log axis
             if self.ax[name].get_yscale() == "log":
