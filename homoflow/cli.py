@@ -16,6 +16,7 @@ from .flow import flow
 from .plots import save_summary
 from .problem import make_problem
 from .report import add_parser as add_report_parser
+from .report import status_table
 
 MODELS = ("mlp", "linear", "deep_linear", "diagonal_linear")
 ACTIVATION_CHOICES = ("relu", "leaky_relu", "relu_power", "quadratic")
@@ -298,9 +299,11 @@ def _sweep(args) -> int:
           f"({len(table.meta['computed'])} computed, {len(table.meta['reused'])} reused) on "
           f"{table.meta['devices']} device(s), {len(table)} rows in "
           f"{table.meta['wall_time_s']:.1f} s")
+    print(status_table(table, max_rows=40))   # one row per configuration (all: status.md)
     for status in sorted(set(table.meta["statuses"])):
         print(f"  {status}: {table.meta['statuses'].count(status)}")
-    print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/)")
+    print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/, "
+          f"status.md, rates.png)")
     return 0
 
 

@@ -55,7 +55,7 @@ from .diagnostics import diagnostics, tree_dot
 from .flow import flow_batch
 from .models import HomogeneityError
 from .problem import Problem, make_problem
-from .report import status_table, write_sweep_report
+from .report import write_sweep_report
 from .schedules import T0Info
 from .trajectory import package_versions
 
@@ -752,6 +752,4 @@ def sweep(grid: dict, *, out=None, devices=None, max_batch: int = 4096,
     if out is not None and jax.process_index() == 0:
         table.save(out)
         write_sweep_report(table, out)   # status.md (per configuration) and rates.png
-    if progress and jax.process_index() == 0:
-        print(status_table(table, max_rows=40))
     return table

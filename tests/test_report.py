@@ -7,7 +7,7 @@ import pytest
 from homoflow import data, descent, losses, models, schedules, sweep, theory
 from homoflow.cli import main
 from homoflow.problem import make_problem
-from homoflow.report import run_row, status_rows
+from homoflow.report import run_row, status_rows, status_table
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +47,20 @@ def test_report_refuses_a_directory_that_is_neither_a_run_nor_a_sweep(tmp_path, 
     assert not (tmp_path / "rep").exists()   # nothing written before every path is checked
 
 
-def test_sweep_writes_and_prints_its_per_configuration_status_table(tmp_path, capsys):
+def test_sweep_writes_its_per_configuration_status_table_and_rate_figure(tmp_path):
     grid = {"model": "linear", "depth": 1, "n": 12, "dim": 3, "steps": 200, "n_records": 10,
             "policy": "constant", "lr": [0.1, 1e4], "seed": 0}
-    table = sweep.sweep(grid, out=tmp_path / "sw", progress=True)
-    printed = capsys.readouterr().out
+    table = sweep.sweep(grid, out=tmp_path / "sw", progress=False)
+    printed = status_table(table)
     rows = status_rows(table)
     assert [r["lr"] for r in rows] == [0.1, 1e4]             # the swept axis, per configuration
     assert [r["status"] for r in rows] == table.meta["statuses"]
     for r in rows:
         assert f"| {r['config']} | {r['lr']} | {r['status']} |" in printed
     md = (tmp_path / "sw" / "status.md").read_text()
-    assert md.count("\n") == 2 + len(rows)
+    assert md == printed + "\n"
+    short = status_table(table, max_rows=1)
+    assert short.count("\n| ") == 1 and "1 more configurations" in short
     assert (tmp_path / "sw" / "rates.png").stat().st_size > 0
     out = tmp_path / "rep"
     assert main(["report", str(tmp_path / "sw"), "--out", str(out)]) == 0
