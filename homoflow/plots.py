@@ -108,7 +108,6 @@ class _Dashboard:
              reference_label: str | None = None, order: float | None = None,
              many: bool = False) -> None:
         c = _columns(traj)
-        meta = getattr(traj, "meta", {})
         x, keep = self._x(c)
         sep = np.asarray(c["separated"], bool) if "separated" in c else np.ones(len(x), bool)
         after = keep & sep
