@@ -88,14 +88,16 @@ class _Dashboard:
             ax.set_xlabel(x_label + ("" if log_x else "  (linear: < 1 decade)"), fontsize=8)
             ax.grid(True, which="major", alpha=0.3)
         a = self.ax
-        a["loss"].set(ylabel=r"$\log_{10}(1/L)$", title=r"loss: $\log(1/L) = \log T + (2-2/L)\log\log T + O(1)$")
+        a["loss"].set(ylabel=r"$\log_{10}(1/L)$",
+                      title=r"loss: $\log(1/L) = \log T + (2-2/L)\log\log T + O(1)$")
         a["margins"].set(ylabel="normalized margin",
                          title="margins after t0: γ̃ ↑ (flow), γ̂ ↑ (descent) → γ*")
         a["loss_ratio"].set(ylabel=r"$L\cdot T\cdot(\log T)^{2-2/L}$",
                             title=r"Theorem 4.3: $\Theta(1)$, $\to 1/(L^2\gamma_*^{2/L})$")
         a["norm_ratio"].set(ylabel=r"$\rho\,/\,(\log T)^{1/L}$",
                             title=r"Theorem 4.3: $\Theta(1)$, $\to \gamma_*^{-1/L}$")
-        a["beta"].set(ylabel="1 − β", title="alignment: β = cos(θ, −∇L) → 1", yscale="log")
+        a["beta"].set(ylabel="1 − β", title="alignment: β = cos(θ, −∇L) → 1",
+                      yscale="log")
         a["kkt"].set(ylabel="ε (KKT residual of (P))", title="KKT: ε → 0 (Theorem 4.4)",
                      yscale="log")
 
