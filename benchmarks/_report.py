@@ -8,6 +8,10 @@ from pathlib import Path
 
 import jax
 
+# every benchmark imports this module: float64 for all of them, set at program start
+# (homoflow itself changes no JAX setting)
+jax.config.update("jax_enable_x64", True)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

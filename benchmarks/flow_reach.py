@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-import homoflow  # noqa: F401  (float64)
 from _report import RESULTS, write_report
 from homoflow import data, losses, models
 from homoflow.flow import flow

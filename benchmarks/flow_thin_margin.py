@@ -26,7 +26,6 @@ import time
 import jax
 import numpy as np
 
-import homoflow  # noqa: F401  (float64)
 from _report import RESULTS, write_report
 from homoflow import data, losses, models
 from homoflow.flow import flow

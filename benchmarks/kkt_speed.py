@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-import homoflow  # noqa: F401  (float64)
 from _report import RESULTS, write_report
 from homoflow import data, kkt, losses, models, schedules
 from homoflow.descent import descent

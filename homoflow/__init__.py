@@ -1,23 +1,25 @@
 """homoflow: gradient flow and gradient descent on homogeneous models, and their margins.
 
 Implements the quantities and algorithms of Lyu & Li, "Gradient Descent Maximizes the
-Margin of Homogeneous Neural Networks" (ICLR 2020). float64 is switched on at import.
+Margin of Homogeneous Neural Networks" (ICLR 2020).
+
+homoflow computes in float64 (the science lives at losses of 10^-800 and below, DESIGN §2)
+but, like every JAX library, leaves JAX's global settings alone: enable float64 once where
+your program starts, before any array is made,
+
+    import jax
+    jax.config.update("jax_enable_x64", True)
+
+(or set JAX_ENABLE_X64=1). The ``homoflow`` command, the notebooks and the tests do this;
+``make_problem`` refuses to build a problem without it, naming that line.
 
 The public names load lazily (PEP 562): ``import homoflow`` does not import JAX until a
 name that needs it is used, so the ``homoflow`` command answers ``--help`` at once.
 """
 
 import importlib
-import os
 import sys
 import types
-
-# float64 by default: the science lives at losses of 10^-800 and below (DESIGN §2). JAX
-# reads JAX_ENABLE_X64 when it is first imported; if it already was, set it directly.
-if "jax" in sys.modules:
-    sys.modules["jax"].config.update("jax_enable_x64", True)
-else:
-    os.environ["JAX_ENABLE_X64"] = "1"
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,7 @@ _NAMES = {
     "exponential": "losses", "logistic": "losses",
     "HomogeneityError": "models", "Model": "models", "check_homogeneity": "models",
     "homogeneous_model": "models",
-    "Problem": "problem", "make_problem": "problem",
+    "Problem": "problem", "make_problem": "problem", "require_float64": "problem",
     "Trajectory": "trajectory",
 }
 
@@ -38,7 +40,7 @@ __all__ = [
     "Diagnostics", "HomogeneityError", "Loss", "Model", "Problem", "RunStopped", "Trajectory",
     "check_homogeneity", "cross_entropy", "data", "descent", "diagnostics", "exp_tailed",
     "exponential", "geometry", "homogeneous_model", "logistic", "losses", "make_problem", "models",
-    "record_grid", "schedules",
+    "record_grid", "require_float64", "schedules",
 ]
 
 

@@ -145,7 +145,7 @@ def _run_in(args, config, out, previous, stop) -> int:
     from . import kkt, losses
     from .descent import RunStopped, descent
     from .flow import flow
-    from .plots import plot_trajectory
+    from .plots import save_summary
     from .problem import make_problem
 
     X, y = configs.load_data(config)
@@ -204,12 +204,12 @@ def _run_in(args, config, out, previous, stop) -> int:
     elif code == 0:
         traj.state = None    # a finished run has nothing to resume
     traj.save(out)
-    plot_trajectory(traj, out)
     summary = traj.summary()
     print(_summary_table(summary))
     if summary["status"] in ("not_separated", "interrupted"):
         print(f"note: {summary['message']}")
-    files = ", ".join(RUN_FILES) + ", loss.png, margins.png, rho.png, beta.png"
+    files = ", ".join(RUN_FILES) + ", summary.png"
+    report = None
     if code != EXIT_INTERRUPTED and not args.no_kkt_report and \
             summary["status"] != "not_separated":
         try:
@@ -222,6 +222,7 @@ def _run_in(args, config, out, previous, stop) -> int:
             io.write_text(out / "convergence.md", kkt.format_report(report, max_rows=50) + "\n")
             kkt.plot_report(report, out / "convergence.png")
             files += ", convergence.md, convergence.png"
+    save_summary(traj, out, report)   # the one-page dashboard, with the polished margin
     print(f"run directory: {out}  ({files})")
     return code
 
@@ -287,12 +288,30 @@ def _add_sweep_parser(sub):
     sw.add_argument("--devices", type=int, default=None,
                     help="use the first N devices (default: all)")
     sw.add_argument("--distributed", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-node)")
+                    help="multi-process: jax.distributed via sweep.initialize_distributed "
+                         "(a managed cluster is detected; elsewhere set "
+                         "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, "
+                         "JAX_PROCESS_ID); process 0 writes")
     sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sw.add_argument("--no-compile-cache", action="store_true",
                     help="do not use JAX's persistent compilation cache")
     sw.set_defaults(func=_sweep, parser=sw)
     return sw
+
+
+def _add_report_parser(sub):
+    from .report import add_parser
+
+    rep = add_parser(sub)   # homoflow report DIR... (homoflow/report.py)
+    rep.set_defaults(func=_report, parser=rep)
+    return rep
+
+
+def _report(args, parser) -> int:
+    _setup_jax(getattr(args, "no_compile_cache", False))
+    from .report import main as report_main
+
+    return report_main(args)
 
 
 def _sweep(args, parser) -> int:
@@ -326,7 +345,7 @@ def _sweep(args, parser) -> int:
         if not args.out:
             _fail(parser, "--distributed needs --out (one directory for every process)")
         jax = _setup_jax(args.no_compile_cache)
-        jax.distributed.initialize()
+        sweep_mod.initialize_distributed()
         out = Path(args.out)
         if jax.process_index() == 0:
             io.prepare_out(out, resume=args.resume, overwrite=args.overwrite, what="sweep")
@@ -341,13 +360,17 @@ def _sweep(args, parser) -> int:
         print(f"homoflow sweep: {n_configs} configurations into {out}", flush=True)
         table = sweep_mod.sweep(grid, out=out, devices=devices, max_batch=args.max_batch,
                                 progress=not args.no_progress, should_stop=stop)
+    from .report import status_table
+
     m = table.meta
     print(f"{m['n_configs']} configurations ({len(m['computed'])} computed, "
           f"{len(m['reused'])} reused) on {m['devices']} device(s), {len(table)} rows in "
           f"{m['wall_time_s']:.1f} s")
+    print(status_table(table, max_rows=40))   # one row per configuration (all: status.md)
     for status in sorted(set(m["statuses"])):
         print(f"  {status}: {m['statuses'].count(status)}")
-    print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/)")
+    print(f"sweep directory: {out}  (table.npz, table.csv, sweep.json, manifest.json, configs/, "
+          f"status.md, rates.png)")
     if stop.requested:
         print(f"interrupted by {stop.name}: {len(m['missing'])} configurations not computed; "
               f"continue with the same options and --out {out} --resume", file=sys.stderr)
@@ -448,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_experiment_parser(sub)
     _add_sweep_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 

@@ -17,6 +17,23 @@ from .losses import Loss
 from .models import Model, check_homogeneity
 
 
+ENABLE_X64 = 'jax.config.update("jax_enable_x64", True)'
+
+
+def require_float64(what: str) -> None:
+    """Raise if JAX computes in float32 (``jax_enable_x64`` off): homoflow's guarantees
+    (log L carried to 10^-800 and below, margins resolved to 1e-15 relative, the KKT
+    residuals) hold only in float64, and without x64 every float64 array JAX makes is
+    silently float32. homoflow never flips the setting itself (an import must not change
+    a global of the process); the error names the one line that does."""
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            f"{what} needs float64, but JAX is in float32 mode (jax_enable_x64 is off): add "
+            f"`{ENABLE_X64}` at the start of your program, before any JAX array is created "
+            f"(or set the environment variable JAX_ENABLE_X64=1). The homoflow command, its "
+            f"notebooks and tests do this for you.")
+
+
 def class_gaps(outputs: jax.Array, y: jax.Array, fill=0.0):
     """(s, mask) for (N, C) outputs: s_nj = Phi_y - Phi_j (Appendix F), ``fill`` where j = y_n
     (0: nothing to add in a sum; inf: never the min), and the mask of j = y_n. The one home
@@ -93,7 +110,11 @@ def make_problem(model: Model, loss: Loss, X, y, *, check: bool = True,
     bias) is refused unless ``allow_nonhomogeneous=True``; the Problem then trains it, but
     no margin theorem applies to it (``problem.model.homogeneous`` says so) and its
     order is not checked.
+
+    The data are stored in float64, which needs JAX's x64 mode: without it this raises a
+    ``RuntimeError`` naming the line that enables it (``require_float64``).
     """
+    require_float64("make_problem")
     if not model.homogeneous and not allow_nonhomogeneous:
         raise ValueError(f"model {model.name!r} is not homogeneous, so no margin theory "
                          f"applies; pass allow_nonhomogeneous=True to train it anyway")

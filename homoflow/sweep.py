@@ -11,9 +11,11 @@ all of them at once. Axes that change shapes or code (``depth``, ``width``, ``mo
 The vmapped axis is sharded over every device of the run (``jax.sharding``: a 1-D device
 mesh with axis ``"configs"``, named shardings on the inputs and ``jax.shard_map`` for the
 loop, so each device runs its own ``while_loop`` over its configurations without talking
-to the others). Across nodes call ``jax.distributed.initialize()`` first: ``jax.devices()``
-is then the devices of every process, each process computes its share of the batch, and
-process 0 writes the results.
+to the others). Across nodes call ``initialize_distributed()`` first (``jax.distributed``;
+``homoflow sweep --distributed``): ``jax.devices()`` is then the devices of every process,
+each process computes its share of the batch, and process 0 alone writes. Every process
+runs the configurations process 0 finds unfinished, so a resumed distributed sweep needs
+``out`` on a file system every process can read.
 
 With ``out=DIR`` the sweep is resumable: ``DIR/manifest.json`` lists the grid's
 configurations and each finished configuration is written to ``DIR/configs/NNNNNN.npz``
@@ -37,6 +39,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,6 +61,7 @@ from .diagnostics import diagnostics
 from .flow import flow_batch
 from .models import HomogeneityError
 from .problem import Problem, make_problem
+from .report import write_sweep_report
 from .trajectory import package_versions
 
 # every key a grid may hold, with its default: the configuration schema's sweep defaults
@@ -222,6 +226,33 @@ def _describe(c: dict) -> str:
 
 # ---------------------------------------------------------------------------------------
 # devices
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for a multi-process sweep. On a managed cluster
+    (SLURM, Open MPI, Kubernetes, Cloud TPU) JAX finds everything itself; elsewhere give the
+    coordinator ``host:port``, the number of processes and this process's id, as arguments
+    or as the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (JAX reads only the first). Call it before anything else touches JAX's
+    devices. On CPUs the processes exchange their results through gloo collectives."""
+    env = os.environ
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def _from_process_0(mask: np.ndarray) -> np.ndarray:
+    """Process 0's value of a boolean mask, on every process: which configurations a
+    resumed sweep reuses must not depend on what each process happens to see on disk,
+    or the processes would run different batches and wait for each other forever."""
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(mask)).astype(bool)
 
 
 def _mesh(devices) -> Mesh:
@@ -635,11 +666,18 @@ def _sweep(configs, groups, mesh, out, writer, max_batch, progress, on_config, s
     if out is not None:
         if writer:
             _manifest(out, configs)
-        for i in range(len(configs)):
-            if _config_file(out, i).exists():
-                loaded = _load_config(out, i, configs[i])
-                if loaded is not None:
-                    results[i] = loaded
+        # every process reuses what process 0 finds valid (a file that is damaged or of
+        # another configuration is computed again), so all run the same batches
+        loaded = {i: _load_config(out, i, configs[i]) for i in range(len(configs))
+                  if _config_file(out, i).exists()}
+        finished = _from_process_0(np.asarray([loaded.get(i) is not None
+                                               for i in range(len(configs))]))
+        for i in np.flatnonzero(finished):
+            if loaded.get(int(i)) is None:
+                raise RuntimeError(f"process {jax.process_index()} cannot read "
+                                   f"{_config_file(out, int(i))}, which process 0 reuses: "
+                                   f"do all processes see the same directory?")
+            results[int(i)] = loaded[int(i)]
     reused = sorted(results)
     todo = [(g, [i for i in g.ids if i not in results]) for g in groups]
     todo = [(g, ids) for g, ids in todo if ids]
@@ -682,4 +720,5 @@ def _sweep(configs, groups, mesh, out, writer, max_batch, progress, on_config, s
     table = _assemble(configs, results, meta)
     if writer:
         table.save(out)
+        write_sweep_report(table, out)   # status.md (per configuration) and rates.png
     return table

@@ -59,6 +59,27 @@ def norm_ratio(log_T, log_rho, L: float) -> np.ndarray:
         return np.where(log_T > 0, np.exp(log_rho - np.log(log_T) / L), np.nan)
 
 
+def limit_loss_ratio(gamma: float, L: float) -> float:
+    """The limit of L(T) T (log T)^{2-2/L} for the exponential loss (and the logistic,
+    whose tail is the same) when the normalized margin tends to ``gamma``: 1/(L^2 gamma^{2/L}).
+
+    Why: past t0, d log(1/L)/dt = |grad L|^2 / L, and with beta -> 1 and the loss carried
+    by the support points (nu -> L q_min, q_min ~ u = log(1/L), rho^L ~ u / gamma) this is
+    L^2 gamma^{2/L} e^{-u} u^{2-2/L}; integrating, e^u u^{-(2-2/L)} ~ L^2 gamma^{2/L} t. The
+    corrections are relative O(log N / log T) and O(log log T / log T), so a run approaches
+    the line slowly. For descent T = sum eta plays the role of t."""
+    if not (gamma > 0 and L > 0):
+        raise ValueError(f"need gamma > 0 and L > 0, got gamma = {gamma}, L = {L}")
+    return 1.0 / (L * L * gamma ** (2.0 / L))
+
+
+def limit_norm_ratio(gamma: float, L: float) -> float:
+    """The limit of rho / (log T)^{1/L}: gamma^{-1/L} (rho^L gamma ~ log(1/L) ~ log T)."""
+    if not (gamma > 0 and L > 0):
+        raise ValueError(f"need gamma > 0 and L > 0, got gamma = {gamma}, L = {L}")
+    return gamma ** (-1.0 / L)
+
+
 def window(log_T, *, decades: float | None = None, log_T_min: float | None = 1.0,
            separated=None, of: str = "T") -> np.ndarray:
     """Mask of the points used for a rate: finite log T, past t0 where ``separated`` is

@@ -1,13 +1,17 @@
 import os
 
 import jax
-import numpy as np
-import pytest
-import scipy.optimize
 
-import homoflow  # noqa: F401  (switches on float64)
-from homoflow import data, losses, models
-from homoflow.problem import make_problem
+# float64 for the whole test run, set where the program starts (as the CLI and the
+# notebooks do): importing homoflow changes no JAX setting
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.optimize  # noqa: E402
+
+from homoflow import data, losses, models  # noqa: E402
+from homoflow.problem import make_problem  # noqa: E402
 
 # in-process CLI calls leave this process's JAX without a persistent compilation cache
 os.environ.setdefault("HOMOFLOW_NO_COMPILE_CACHE", "1")
