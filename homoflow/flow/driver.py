@@ -5,6 +5,7 @@ columns in one place (``audit._solver_columns``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -31,6 +32,24 @@ from .sliding import _sliding_model
 _CHUNK = 2000  # phase-2 steps between checks of flow's wall budget
 
 
+def _one_blas_thread(fn):
+    """Run ``fn`` with the BLAS/LAPACK thread pools (OpenBLAS behind jaxlib's CPU linear
+    algebra) limited to one thread, restored afterwards. Phase 2 factors small matrices
+    every step (N x N LU, K x K Cholesky); OpenBLAS's threads on them only contend: on a
+    shared 2-core machine a 256 x 256 Cholesky took 0.66 s with the default pool and 1.9 ms
+    with one thread (threadpoolctl; a no-op where it is not installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _f64(v):
     # the stop values and counts _advance takes are strongly typed, so that every call
     # (python floats, numpy scalars) hits the same compiled program
@@ -53,6 +72,31 @@ def _compile(problem, flat0, unravel, p1_cfg, cfg, grid, sliding, phase1: bool):
     jax.block_until_ready(_polar_summary(problem, st, unravel))
 
 
+def _loss_floor(problem: Problem, unravel, ts, ys) -> dict:
+    """Whether phase 1 ended on a loss floor (non-separable data) rather than a slow
+    descent: over the last decade of t the flow's loss falls like 1/t on separable data
+    (Theorem A.5: log L drops by about log 10 per decade of t once it separates), while on
+    data it cannot separate L converges to min L > l(b_f) and log L stops moving. ``at_floor``:
+    log L fell by less than 1e-3 over the last decade of t (or the last saved tenth of the
+    solve), with |grad log L| and log L's fall reported as the evidence."""
+    t_end, y_end = float(ts[-1]), jnp.asarray(ys[-1])
+    log_loss, grad = jax.value_and_grad(lambda z: problem.log_loss(unravel(z)))(y_end)
+    log_loss, gnorm = float(log_loss), float(jnp.linalg.norm(grad))
+    earlier = np.nonzero(ts <= t_end / 10)[0]
+    j = earlier[-1] if len(earlier) else 0
+    t_ref = float(ts[j])
+    fall = float(problem.log_loss(unravel(jnp.asarray(ys[j])))) - log_loss
+    at_floor = bool(len(ts) > 1 and t_ref < t_end and fall < 1e-3)
+    return {"log_loss": log_loss, "grad_log_loss_norm": gnorm, "t_ref": t_ref,
+            "log_loss_fall": fall, "at_floor": at_floor,
+            "evidence": (f"log L fell by only {fall:.3g} from t = {t_ref:.3g} to {t_end:.3g} "
+                         f"and |grad log L| = {gnorm:.3g}: the loss is at its floor"
+                         if at_floor else
+                         f"log L was still falling ({fall:.3g} since t = {t_ref:.3g}), "
+                         f"|grad log L| = {gnorm:.3g}")}
+
+
+@_one_blas_thread
 def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          tau_max: float | None = None, log_loss_min: float | None = None,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
@@ -179,12 +223,22 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
                                 f"result: {sol.result!r})")
         t_end = float(ts[-1])
         flat_t0 = jnp.asarray(ys[-1])
-        if sol.result == diffrax.RESULTS.successful:  # reached t0_limit without separating
+        floor = _loss_floor(problem, unravel, ts, ys)
+        if sol.result == diffrax.RESULTS.successful or (
+                sol.result == diffrax.RESULTS.max_steps_reached and floor["at_floor"]):
+            # reached t0_limit, or ran out of steps on a loss that stopped falling, without
+            # separating
+            short = ("" if not math.isfinite(lt_max) or lt_max <= math.log(t_end) else
+                     f"; phase 1 {'ended at its time cap t0_limit' if sol.result == diffrax.RESULTS.successful else 'ran out of steps'} "
+                     f"at log t = {math.log(t_end):.4g}, short of the requested log t = "
+                     f"{lt_max:g}" + ("" if floor["at_floor"] else
+                                      " (raise t0_limit to look further)"))
             meta.update(status="not_separated", t0=None, wall_time_s=time.perf_counter() - start,
+                        phase1_floor=floor,
                         message=f"the loss never fell below the separability threshold "
                                 f"l(b_f) = exp({problem.loss.log_threshold:.6g}) by t = {t_end:g} "
-                                f"(log L = {float(problem.log_loss(unravel(flat_t0))):.6g}): the "
-                                f"data were not separated, so no margin claim applies")
+                                f"(log L = {floor['log_loss']:.6g}; {floor['evidence']}): the "
+                                f"data were not separated, so no margin claim applies{short}")
             warnings.warn(meta["message"], stacklevel=2)
             return Trajectory.from_rows(rec.rows, rec.snaps, meta)
         if sol.result != diffrax.RESULTS.event_occurred:
@@ -274,6 +328,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     return Trajectory.from_rows(rec.rows, rec.snaps, meta)
 
 
+@_one_blas_thread
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
                t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
                polar_rtol: float = 1e-6, polar_atol: float = 1e-6, stiff_ref: float = 1e5,
