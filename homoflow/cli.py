@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import datetime as _dt
 import sys
 from pathlib import Path
@@ -96,6 +97,12 @@ def _run(args) -> int:
         n_outputs = args.classes
     if args.loss == "cross_entropy" and n_outputs == 1:
         raise ValueError("--loss cross_entropy needs --data gaussian_classes")
+    if args.engine != "flow":
+        given = [f for f, v in (("--budget", args.budget), ("--rtol", args.rtol),
+                                ("--atol", args.atol)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --engine flow only (got --engine "
+                             f"{args.engine})")
     model = _build_model(args, args.dim, n_outputs)
     problem = make_problem(model, losses.get_loss(args.loss), X, y)
     policy = _build_policy(args)
@@ -111,8 +118,11 @@ def _run(args) -> int:
     code = 0
     try:
         if args.engine == "flow":
-            traj = flow(problem, params0, log_t_max=args.log_t_max,
-                        progress=not args.no_progress, config=config)
+            tol = {k: v for k, v in (("rtol", args.rtol), ("polar_rtol", args.rtol),
+                                     ("atol", args.atol), ("polar_atol", args.atol))
+                   if v is not None}
+            traj = flow(problem, params0, log_t_max=args.log_t_max, max_wall_s=args.budget,
+                        progress=not args.no_progress, config=config, **tol)
         else:
             traj = descent(problem, params0, policy, args.steps, batch_size=args.batch_size,
                            key=jax.random.PRNGKey(args.seed), progress=not args.no_progress,
@@ -144,6 +154,20 @@ def _run(args) -> int:
     return code
 
 
+def _flow_positive(flag: str, below_one: bool = False):
+    """argparse type for the flow's numeric flags: a finite number > 0 (and < 1)."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}")
+        if not (math.isfinite(v) and v > 0 and (v < 1 or not below_one)):
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be finite and > 0{' and < 1' if below_one else ''}, got {text}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gradient descent, or gradient flow (diffrax, then log-polar time)")
     run.add_argument("--log-t-max", type=float, default=100.0,
                      help="flow: stop at this log t (natural log of time)")
+    run.add_argument("--budget", type=_flow_positive("--budget"), default=None,
+                     metavar="SECONDS", help="flow: wall-clock budget for the solve "
+                     "(compilation excluded); the run ends early with status wall_budget")
+    run.add_argument("--rtol", type=_flow_positive("--rtol", below_one=True), default=None,
+                     help="flow: relative tolerance of both phases' solvers (default: "
+                          "flow()'s, 1e-6)")
+    run.add_argument("--atol", type=_flow_positive("--atol", below_one=True), default=None,
+                     help="flow: absolute tolerance of both phases' solvers (default: "
+                          "flow()'s, 1e-9 in phase 1 and 1e-6 on the unit sphere in phase 2)")
     run.add_argument("--model", choices=MODELS, default="mlp", help="model family")
     run.add_argument("--activation", choices=ACTIVATION_CHOICES, default="relu",
                      help="mlp activation")
