@@ -101,7 +101,7 @@ def _run(args) -> int:
         given = [f for f, v in (("--budget", args.budget), ("--rtol", args.rtol),
                                 ("--atol", args.atol)) if v is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to --engine flow only (got --engine "
+            raise ValueError(f"{', '.join(given)}: only with --engine flow (got --engine "
                              f"{args.engine})")
     model = _build_model(args, args.dim, n_outputs)
     problem = make_problem(model, losses.get_loss(args.loss), X, y)

@@ -101,7 +101,9 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          tau_max: float | None = None, log_loss_min: float | None = None,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
-         stiff_ref: float = 1e5, h_max: float = 0.01, max_steps: int = 1_000_000,
+         stiff_ref: float = 1e5, u_tol: float | None = None, filter_error: bool = False,
+         h_max: float = 0.01,
+         max_steps: int = 1_000_000,
          max_wall_s: float | None = None, sliding: bool = True, progress: bool = True,
          snapshots: bool = True, kkt: bool = True, config: dict | None = None,
          on_record=None) -> Trajectory:
@@ -119,7 +121,9 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     sharpness e^{L tau} reaches ``stiff_ref`` (log t ~ 1e4 on the default problem); from
     there they shrink like e^{-L tau}: the stiff directions turn a position error d into a
     velocity error ~ e^{L tau} d, and Lemma C.9's slack shrinks as the soft-min sharpens
-    (``stiff_ref=math.inf`` keeps them fixed).
+    (``stiff_ref=math.inf`` keeps them fixed). ``u_tol`` (experimental, default off) also
+    bounds each step's error in the per-point log losses as the soft-min weights feel it
+    (``PolarConfig``), the fast-slow treatment meant to replace that shrinking.
 
     Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0;
     phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced
@@ -152,7 +156,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     if log_t_max is None and tau_max is None and log_loss_min is None:
         raise ValueError("give at least one of log_t_max, tau_max, log_loss_min")
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
-    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref)
+    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref,
+                      u_tol=u_tol, filter_error=filter_error)
     compile_start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
@@ -165,7 +170,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
             "solver": {"phase1": "Tsit5 + PIDController", "phase2": "ROS2 W-method (rank-N)",
                        "sliding": sliding and _sliding_model(problem), "rtol": rtol,
                        "atol": atol, "polar_rtol": polar_rtol, "stiff_ref": stiff_ref,
-                       "polar_atol": polar_atol}}
+                       "polar_atol": polar_atol, "u_tol": u_tol,
+                       "filter_error": filter_error}}
     lt_max = math.inf if log_t_max is None else float(log_t_max)
     tau_stop = math.inf if tau_max is None else float(tau_max)
     ll_stop = -math.inf if log_loss_min is None else float(log_loss_min)
@@ -332,7 +338,7 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
                t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
                polar_rtol: float = 1e-6, polar_atol: float = 1e-6, stiff_ref: float = 1e5,
-               h_max: float = 0.01,
+               u_tol: float | None = None, filter_error: bool = False, h_max: float = 0.01,
                max_steps: int = 100_000, sliding: bool = True) -> list[Trajectory]:
     """Gradient flow from a batch of initial parameters (leading axis) in one jitted,
     vmapped call: phase 1 (diffrax, with its Event) and phase 2 (ROS2 in log-polar time)
@@ -348,7 +354,8 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
     margins to ~1e-4 at log t = 100 on a width-20 ReLU net).
     """
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
-    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref)
+    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref,
+                      u_tol=u_tol, filter_error=filter_error)
     leaves = jax.tree_util.tree_leaves(params0)
     batch = leaves[0].shape[0]
     first = jax.tree_util.tree_map(lambda p: jnp.asarray(p[0], jnp.float64), params0)

@@ -49,6 +49,14 @@ class PolarConfig:
     atol: float = 1e-6
     h_max: float = 0.01
     stiff_ref: float = math.inf
+    # the fast-slow treatment (experimental): also bound the step's error in the per-point
+    # log losses u as the soft-min weights feel it, sum_n w_n |e^tau G_n . err| <= u_tol
+    # (the velocity's relative error), so that stiff_ref can stay inf; None: off
+    u_tol: float | None = None
+    # filter the embedded error estimate through W^{-1} (Shampine's stiff error filter: a
+    # component relaxing at rate lambda is damped by 1 / (1 + gamma h lambda), as the
+    # step's own solution damps it); False: the raw estimate
+    filter_error: bool = False
 
     def __post_init__(self):
         rtol, atol = _tolerances("polar ", self.rtol, self.atol)
@@ -60,6 +68,8 @@ class PolarConfig:
         if not stiff_ref > 0:
             raise ValueError(f"stiff_ref must be > 0 (math.inf keeps phase 2's tolerances "
                              f"fixed), got {self.stiff_ref!r}")
+        if self.u_tol is not None:
+            object.__setattr__(self, "u_tol", _finite_at_least("u_tol", self.u_tol, 0.0, True))
         for name, v in (("rtol", rtol), ("atol", atol), ("h_max", h_max),
                         ("stiff_ref", stiff_ref)):
             object.__setattr__(self, name, v)
@@ -131,7 +141,13 @@ def _ros2_step(problem: Problem, unravel, st: PolarState, cfg: PolarConfig) -> P
                - _ROS2_GAMMA * h * F_tau)
     x_new = x + h * (1.5 * k1 + 0.5 * k2)
     x_new = x_new / jnp.linalg.norm(x_new)
-    err = jnp.sqrt(jnp.mean((0.5 * h * (k1 + k2) / scale) ** 2))
+    est = 0.5 * h * (k1 + k2)
+    if cfg.filter_error:
+        est = solve(est)
+    err = jnp.sqrt(jnp.mean((est / scale) ** 2))
+    if cfg.u_tol is not None:
+        du = jnp.exp(tau) * (pt.G @ est)
+        err = jnp.maximum(err, (pt.w @ jnp.abs(du)) / cfg.u_tol)
     x_step, sl_step, mask_step = x_new, sl, mask
     h_land = h
     if sl0 is not None:
