@@ -285,13 +285,23 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     def show(st):
         bar.n = round(min(position(st), bar.total), 3)
         bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps), refresh=True)
-    status, last_steps, out_of_time = OK, -1, False
+    status, last_steps, out_of_time, pace = OK, -1, False, 0.0
     for mark in marks:
         lt_stop = min(mark, lt_max) if key == "log_t" else lt_max
         ta_stop = min(mark, tau_stop) if key == "tau" else tau_stop
         while True:  # in chunks of steps, so that the wall budget is checked in between
-            cap = min(max_steps, int(st.steps) + _CHUNK)
+            # a chunk is at most _CHUNK steps and about a tenth of the budget at the last
+            # chunk's pace (a slow model, e.g. a CNN at ~1 s a step, would overrun by
+            # _CHUNK steps)
+            chunk = _CHUNK
+            if max_wall_s is not None and pace > 0:
+                chunk = int(min(_CHUNK, max(10, 0.1 * max_wall_s / pace)))
+            cap = min(max_steps, int(st.steps) + chunk)
+            attempts0, t_chunk = int(st.steps) + int(st.rejected), time.perf_counter()
             st = advance(problem, st, _f64(lt_stop), _f64(ta_stop), _f64(ll_stop), _i64(cap))
+            done = int(st.steps) + int(st.rejected) - attempts0
+            if done > 0:
+                pace = (time.perf_counter() - t_chunk) / done
             status = int(st.status)
             show(st)
             if status != OK or int(st.steps) < cap or cap >= max_steps or (
