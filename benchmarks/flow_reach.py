@@ -77,10 +77,11 @@ def plain_reach(problem, params0, budget: float) -> dict:
 
 
 def homoflow_reach(problem, params0, budget: float, polar_tol: float = 1e-6,
-                   stiff_ref: float = 1e5) -> dict:
+                   stiff_ref: float = 1e5, u_tol: float | None = None) -> dict:
     start = time.perf_counter()
     traj = flow(problem, params0, log_t_max=1e12, max_wall_s=budget, n_saves=400,
-                polar_rtol=polar_tol, polar_atol=polar_tol, stiff_ref=stiff_ref, progress=False,
+                polar_rtol=polar_tol, polar_atol=polar_tol, stiff_ref=stiff_ref, u_tol=u_tol,
+                progress=False,
                 snapshots=False)
     c = traj.columns
     decades = []
@@ -159,13 +160,17 @@ def main(argv=None) -> int:
     ap.add_argument("--stiff-ref", type=float, default=1e5,
                     help="flow's stiff_ref: the tolerances shrink like e^{-L tau} past "
                          "e^{L tau} = this (inf: fixed tolerances)")
+    ap.add_argument("--u-tol", type=float, default=None,
+                    help="flow's u_tol (the fast-slow error control on the per-point log "
+                         "losses; use with --stiff-ref inf)")
     ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the plain Tsit5 baseline (--no-plain skips it)")
     ap.add_argument("--out", type=Path,
                     default=RESULTS / "flow_reach.json")
     args = ap.parse_args(argv)
     problem, params0 = default_problem()
-    hf = homoflow_reach(problem, params0, args.budget, args.polar_tol, args.stiff_ref)
+    hf = homoflow_reach(problem, params0, args.budget, args.polar_tol, args.stiff_ref,
+                        args.u_tol)
     plain = (plain_reach(problem, params0, args.budget) if args.plain else
              {"log_t": math.nan, "log_loss": math.nan, "steps": 0, "wall_s": 0.0})
     print(f"budget {args.budget:g} s per engine on {jax.devices()[0].device_kind}")

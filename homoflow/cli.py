@@ -13,6 +13,7 @@ HOMOFLOW_NO_COMPILE_CACHE=1 to opt out; HOMOFLOW_CACHE_DIR to move it).
 from __future__ import annotations
 
 import argparse
+import math
 import datetime as _dt
 import os
 import sys
@@ -129,6 +130,12 @@ def _run_config(args, parser) -> tuple[dict, Path, object]:
         config = configs.resolve(raw, given=set(raw))
     except ValueError as e:
         _fail(parser, f"{args.config + ': ' if args.config and not given else ''}{e}")
+    if config["engine"] != "flow":
+        flags = [f for f, v in (("--budget", args.budget), ("--rtol", args.rtol),
+                                ("--atol", args.atol)) if v is not None]
+        if flags:
+            _fail(parser, f"{', '.join(flags)}: only with --engine flow (got --engine "
+                          f"{config['engine']})")
     out = io.prepare_out(args.out or _default_out("run"), overwrite=args.overwrite)
     return config, out, None
 
@@ -176,7 +183,8 @@ def _run_in(args, config, out, previous, stop) -> int:
             traj = flow(problem, params0, log_t_max=config["log_t_max"],
                         n_saves=config["n_saves"], h_max=config["h_max"],
                         max_steps=config["max_steps"], progress=not args.no_progress,
-                        config=config, on_record=stop)
+                        config=config, on_record=stop, max_wall_s=args.budget,
+                        **_flow_tolerances(args))
         else:
             traj = descent(problem, params0, policy, config["steps"],
                            batch_size=config["batch_size"],
@@ -227,6 +235,26 @@ def _run_in(args, config, out, previous, stop) -> int:
     return code
 
 
+def _flow_tolerances(args) -> dict:
+    """--rtol / --atol for both of the flow's phases (flow()'s own defaults where absent)."""
+    return {k: v for k, v in (("rtol", args.rtol), ("polar_rtol", args.rtol),
+                              ("atol", args.atol), ("polar_atol", args.atol)) if v is not None}
+
+
+def _flow_positive(flag: str, below_one: bool = False):
+    """argparse type for the flow's numeric flags: a finite number > 0 (and < 1)."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}")
+        if not (math.isfinite(v) and v > 0 and (v < 1 or not below_one)):
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be finite and > 0{' and < 1' if below_one else ''}, got {text}")
+        return v
+    return parse
+
+
 def _add_run_parser(sub):
     run = sub.add_parser(
         "run", help="run gradient descent (or gradient flow) on a homogeneous model",
@@ -242,6 +270,15 @@ def _add_run_parser(sub):
     run.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file of options (e.g. model = \"deep_linear\"\\ndepth = 3)")
     _add_schema_options(run, [k for k in configs.OPTIONS])
+    run.add_argument("--budget", type=_flow_positive("--budget"), default=None,
+                     metavar="SECONDS", help="flow: wall-clock budget for the solve "
+                     "(compilation excluded); the run ends early with status wall_budget")
+    run.add_argument("--rtol", type=_flow_positive("--rtol", below_one=True), default=None,
+                     help="flow: relative tolerance of both phases' solvers (default: "
+                          "flow()'s, 1e-6)")
+    run.add_argument("--atol", type=_flow_positive("--atol", below_one=True), default=None,
+                     help="flow: absolute tolerance of both phases' solvers (default: "
+                          "flow()'s, 1e-9 in phase 1 and 1e-6 on the unit sphere in phase 2)")
     run.add_argument("--out", default=None,
                      help="run directory (default: a fresh directory under runs/); an "
                           "existing non-empty one needs --overwrite")

@@ -232,6 +232,26 @@ def test_flow_on_data_that_never_separate_stops_at_the_time_limit_and_says_so():
     assert traj.status == "not_separated" and set(traj["phase"]) == {1}
 
 
+def test_non_separable_data_end_not_separated_with_the_loss_floor_as_evidence():
+    """Issue 16 (5): on data no linear model separates (a point repeated with both labels)
+    the flow's loss creeps to its floor log 2 (the third point's term -> 0 like 1/t) and
+    Tsit5's steps are stability-limited there (about 1.4 per unit of t), so a run asked for
+    log t = 1e8 ran out of max_steps and ended phase1_failed ("Try increasing max_steps").
+    It ends not_separated, with the evidence: log L fell by < 1e-3 over the last decade of t
+    (it falls by ~log 10 per decade on separable data), and says that phase 1 stopped short
+    of the requested log t."""
+    X = np.array([[1.0, 0.5], [1.0, 0.5], [-0.3, 2.0]])
+    prob = make_problem(models.linear(2), losses.exponential(), X, np.array([1.0, -1.0, 1.0]))
+    with pytest.warns(UserWarning, match="at its floor"):
+        traj = flow(prob, models.linear(2).init(jax.random.PRNGKey(0)), log_t_max=1e8,
+                    t0_limit=1e6, max_steps=3000, progress=False, kkt=False)
+    assert traj.status == "not_separated", traj.meta["message"]
+    floor = traj.meta["phase1_floor"]
+    assert floor["at_floor"] and 0 <= floor["log_loss_fall"] < 1e-3
+    assert abs(floor["log_loss"] - math.log(2.0)) < 1e-2
+    assert "ran out of steps" in traj.meta["message"] and "1e+08" in traj.meta["message"]
+
+
 def test_flow_vmapped_over_seeds_gives_the_numbers_of_separate_calls():
     """One vmapped call over 3 initializations equals 3 separate calls: same saved steps,
     and log t, rho, gamma_bar equal to 1e-10 relative (batched XLA kernels round

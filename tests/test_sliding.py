@@ -168,3 +168,59 @@ def test_clarke_kkt_residual_along_the_flow_matches_an_independent_solve_and_fal
         eps.append(float(r.eps))
         assert float(kkt_residual(prob, theta, selection="autodiff").eps) > 2 * eps[-1]
     assert len(eps) >= 3 and np.all(np.diff(eps) < 0)   # measured 0.198, 0.172, 0.112, 0.104
+
+
+def test_deep_sliding_velocity_is_the_chain_rule_element_on_the_tangent_space():
+    """Sliding past the first layer (``flow.deep``): on {z_S = 0} for two sites of a
+    depth-3 ReLU MLP, one in each hidden layer (different data points, so the first-order
+    reading sigma = lo + mu / e is exact), the flow's velocity g equals (a) the projection of
+    g_lo (derivative lo at S) onto span{grad z_s}^perp computed independently (dense
+    Jacobian by jacfwd of ``Kinks.pre``, NumPy least squares) and (b) the chain-rule element
+    g(sigma) evaluated by ``Kinks.apply`` with the multipliers' sigma at S: a member of the
+    backprop set orthogonal to the set's span, i.e. its minimum-norm element when sigma is in
+    [lo, hi] (printed). Tolerance 1e-8 relative: the Cholesky solve carries a 1e-12 ridge on
+    normalized rows (error ~ ridge / lambda_min of a 2 x 2 Gram of unit rows, here
+    lambda_min > 1e-3) and the manifold is reached to rounding by Gauss-Newton."""
+    from homoflow.flow import deep
+    X = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+    y = jnp.sign(X[:, 0] + 0.1)
+    model = models.mlp((3, 4, 4, 1))
+    prob = make_problem(model, losses.exponential(), X, y)
+    flat, unravel = polar._ravel(model.init(jax.random.PRNGKey(2)))
+    x = flat / jnp.linalg.norm(flat)
+    tau = jnp.asarray(0.5)
+    mask, sl = deep.start(prob, unravel, x)
+    per = mask.shape[1]                       # 4 first-layer + 4 second-layer sites per point
+    z = np.asarray(deep.sites(prob, unravel, x))
+    # the first-layer site of point 0 and the second-layer site of point 3 closest to 0
+    s1 = (0, int(np.argmin(np.abs(z[0, :4]))))
+    s2 = (3, 4 + int(np.argmin(np.abs(z[3, 4:]))))
+    mask = mask.at[s1].set(True).at[s2].set(True)
+    idx = deep._index(mask, sl.idx.shape[0])
+    x = jax.jit(lambda x: deep._onto(prob, unravel, idx, x, iters=6))(x)
+    z = np.asarray(deep.sites(prob, unravel, x))
+    assert abs(z[s1]) < 1e-12 and abs(z[s2]) < 1e-12
+    lo = model.kinks.lo
+    slope = jnp.where(mask, lo, jnp.nan)
+    sl = deep.DeepSliding(idx, slope)
+    g = np.asarray(jax.jit(lambda x: polar._field(prob, unravel, x, tau, sl).g)(x))
+
+    v = jnp.exp(tau) * x
+
+    def nll(v, o, slope):
+        out = deep.apply(prob, unravel(v), o, slope)
+        return -prob.loss.log_loss(prob.margin_terms_of(out)[1])
+
+    g_lo, e = jax.jit(jax.grad(nll, argnums=(0, 1)))(v, jnp.zeros(mask.shape), slope)
+    J_all = jax.jit(jax.jacfwd(lambda w: deep.sites(prob, unravel, w)))(v)   # (N, per, P)
+    J = np.stack([np.asarray(J_all[s1]), np.asarray(J_all[s2])])
+    c, *_ = np.linalg.lstsq(J.T, np.asarray(g_lo), rcond=None)
+    ref = np.asarray(g_lo) - J.T @ c
+    assert np.linalg.norm(g - ref) <= 1e-8 * np.linalg.norm(ref)
+    assert np.max(np.abs(J @ g)) <= 1e-8 * np.linalg.norm(g) * np.max(np.abs(J))
+    # the chain-rule element with sigma = lo + mu / e at S, mu = -c
+    e = np.asarray(e)
+    sigma = slope.at[s1].set(lo - c[0] / e[s1]).at[s2].set(lo - c[1] / e[s2])
+    g_sigma = np.asarray(jax.jit(jax.grad(nll))(v, jnp.zeros(mask.shape), sigma))
+    assert np.linalg.norm(g_sigma - ref) <= 1e-8 * np.linalg.norm(ref)
+    print("sigma at S:", float(sigma[s1]), float(sigma[s2]), "in [lo, hi] =", (lo, model.kinks.hi))

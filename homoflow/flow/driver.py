@@ -5,6 +5,7 @@ columns in one place (``audit._solver_columns``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -31,6 +32,24 @@ from .sliding import _sliding_model
 _CHUNK = 2000  # phase-2 steps between checks of flow's wall budget
 
 
+def _one_blas_thread(fn):
+    """Run ``fn`` with the BLAS/LAPACK thread pools (OpenBLAS behind jaxlib's CPU linear
+    algebra) limited to one thread, restored afterwards. Phase 2 factors small matrices
+    every step (N x N LU, K x K Cholesky); OpenBLAS's threads on them only contend: on a
+    shared 2-core machine a 256 x 256 Cholesky took 0.66 s with the default pool and 1.9 ms
+    with one thread (threadpoolctl; a no-op where it is not installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _f64(v):
     # the stop values and counts _advance takes are strongly typed, so that every call
     # (python floats, numpy scalars) hits the same compiled program
@@ -53,11 +72,38 @@ def _compile(problem, flat0, unravel, p1_cfg, cfg, grid, sliding, phase1: bool):
     jax.block_until_ready(_polar_summary(problem, st, unravel))
 
 
+def _loss_floor(problem: Problem, unravel, ts, ys) -> dict:
+    """Whether phase 1 ended on a loss floor (non-separable data) rather than a slow
+    descent: over the last decade of t the flow's loss falls like 1/t on separable data
+    (Theorem A.5: log L drops by about log 10 per decade of t once it separates), while on
+    data it cannot separate L converges to min L > l(b_f) and log L stops moving. ``at_floor``:
+    log L fell by less than 1e-3 over the last decade of t (or the last saved tenth of the
+    solve), with |grad log L| and log L's fall reported as the evidence."""
+    t_end, y_end = float(ts[-1]), jnp.asarray(ys[-1])
+    log_loss, grad = jax.value_and_grad(lambda z: problem.log_loss(unravel(z)))(y_end)
+    log_loss, gnorm = float(log_loss), float(jnp.linalg.norm(grad))
+    earlier = np.nonzero(ts <= t_end / 10)[0]
+    j = earlier[-1] if len(earlier) else 0
+    t_ref = float(ts[j])
+    fall = float(problem.log_loss(unravel(jnp.asarray(ys[j])))) - log_loss
+    at_floor = bool(len(ts) > 1 and t_ref < t_end and fall < 1e-3)
+    return {"log_loss": log_loss, "grad_log_loss_norm": gnorm, "t_ref": t_ref,
+            "log_loss_fall": fall, "at_floor": at_floor,
+            "evidence": (f"log L fell by only {fall:.3g} from t = {t_ref:.3g} to {t_end:.3g} "
+                         f"and |grad log L| = {gnorm:.3g}: the loss is at its floor"
+                         if at_floor else
+                         f"log L was still falling ({fall:.3g} since t = {t_ref:.3g}), "
+                         f"|grad log L| = {gnorm:.3g}")}
+
+
+@_one_blas_thread
 def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
          tau_max: float | None = None, log_loss_min: float | None = None,
          n_saves: int = 200, save_t=None, t0_limit: float = 1e6, rtol: float = 1e-6,
          atol: float = 1e-9, polar_rtol: float = 1e-6, polar_atol: float = 1e-6,
-         stiff_ref: float = 1e5, h_max: float = 0.01, max_steps: int = 1_000_000,
+         stiff_ref: float = 1e5, u_tol: float | None = None, filter_error: bool = False,
+         h_max: float = 0.01,
+         max_steps: int = 1_000_000,
          max_wall_s: float | None = None, sliding: bool = True, progress: bool = True,
          snapshots: bool = True, kkt: bool = True, config: dict | None = None,
          on_record=None) -> Trajectory:
@@ -75,7 +121,9 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     sharpness e^{L tau} reaches ``stiff_ref`` (log t ~ 1e4 on the default problem); from
     there they shrink like e^{-L tau}: the stiff directions turn a position error d into a
     velocity error ~ e^{L tau} d, and Lemma C.9's slack shrinks as the soft-min sharpens
-    (``stiff_ref=math.inf`` keeps them fixed).
+    (``stiff_ref=math.inf`` keeps them fixed). ``u_tol`` (experimental, default off) also
+    bounds each step's error in the per-point log losses as the soft-min weights feel it
+    (``PolarConfig``), the fast-slow treatment meant to replace that shrinking.
 
     Phase 1 saves at ``save_t`` (default: 40 log-spaced times in (0, t0_limit]) until t0;
     phase 2 saves at the first accepted step at or past each of ``n_saves`` log-spaced
@@ -108,7 +156,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     if log_t_max is None and tau_max is None and log_loss_min is None:
         raise ValueError("give at least one of log_t_max, tau_max, log_loss_min")
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
-    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref)
+    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref,
+                      u_tol=u_tol, filter_error=filter_error)
     compile_start = time.perf_counter()
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
     flat0, unravel = _ravel(params0)
@@ -121,7 +170,8 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
             "solver": {"phase1": "Tsit5 + PIDController", "phase2": "ROS2 W-method (rank-N)",
                        "sliding": sliding and _sliding_model(problem), "rtol": rtol,
                        "atol": atol, "polar_rtol": polar_rtol, "stiff_ref": stiff_ref,
-                       "polar_atol": polar_atol}}
+                       "polar_atol": polar_atol, "u_tol": u_tol,
+                       "filter_error": filter_error}}
     lt_max = math.inf if log_t_max is None else float(log_t_max)
     tau_stop = math.inf if tau_max is None else float(tau_max)
     ll_stop = -math.inf if log_loss_min is None else float(log_loss_min)
@@ -179,12 +229,22 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
                                 f"result: {sol.result!r})")
         t_end = float(ts[-1])
         flat_t0 = jnp.asarray(ys[-1])
-        if sol.result == diffrax.RESULTS.successful:  # reached t0_limit without separating
+        floor = _loss_floor(problem, unravel, ts, ys)
+        if sol.result == diffrax.RESULTS.successful or (
+                sol.result == diffrax.RESULTS.max_steps_reached and floor["at_floor"]):
+            # reached t0_limit, or ran out of steps on a loss that stopped falling, without
+            # separating
+            short = ("" if not math.isfinite(lt_max) or lt_max <= math.log(t_end) else
+                     f"; phase 1 {'ended at its time cap t0_limit' if sol.result == diffrax.RESULTS.successful else 'ran out of steps'} "
+                     f"at log t = {math.log(t_end):.4g}, short of the requested log t = "
+                     f"{lt_max:g}" + ("" if floor["at_floor"] else
+                                      " (raise t0_limit to look further)"))
             meta.update(status="not_separated", t0=None, wall_time_s=time.perf_counter() - start,
+                        phase1_floor=floor,
                         message=f"the loss never fell below the separability threshold "
                                 f"l(b_f) = exp({problem.loss.log_threshold:.6g}) by t = {t_end:g} "
-                                f"(log L = {float(problem.log_loss(unravel(flat_t0))):.6g}): the "
-                                f"data were not separated, so no margin claim applies")
+                                f"(log L = {floor['log_loss']:.6g}; {floor['evidence']}): the "
+                                f"data were not separated, so no margin claim applies{short}")
             warnings.warn(meta["message"], stacklevel=2)
             return Trajectory.from_rows(rec.rows, rec.snaps, meta)
         if sol.result != diffrax.RESULTS.event_occurred:
@@ -225,13 +285,23 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     def show(st):
         bar.n = round(min(position(st), bar.total), 3)
         bar.set_postfix(log_t=f"{float(st.log_t):.4g}", steps=int(st.steps), refresh=True)
-    status, last_steps, out_of_time = OK, -1, False
+    status, last_steps, out_of_time, pace = OK, -1, False, 0.0
     for mark in marks:
         lt_stop = min(mark, lt_max) if key == "log_t" else lt_max
         ta_stop = min(mark, tau_stop) if key == "tau" else tau_stop
         while True:  # in chunks of steps, so that the wall budget is checked in between
-            cap = min(max_steps, int(st.steps) + _CHUNK)
+            # a chunk is at most _CHUNK steps and about a tenth of the budget at the last
+            # chunk's pace (a slow model, e.g. a CNN at ~1 s a step, would overrun by
+            # _CHUNK steps)
+            chunk = _CHUNK
+            if max_wall_s is not None and pace > 0:
+                chunk = int(min(_CHUNK, max(10, 0.1 * max_wall_s / pace)))
+            cap = min(max_steps, int(st.steps) + chunk)
+            attempts0, t_chunk = int(st.steps) + int(st.rejected), time.perf_counter()
             st = advance(problem, st, _f64(lt_stop), _f64(ta_stop), _f64(ll_stop), _i64(cap))
+            done = int(st.steps) + int(st.rejected) - attempts0
+            if done > 0:
+                pace = (time.perf_counter() - t_chunk) / done
             status = int(st.status)
             show(st)
             if status != OK or int(st.steps) < cap or cap >= max_steps or (
@@ -274,10 +344,11 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     return Trajectory.from_rows(rec.rows, rec.snaps, meta)
 
 
+@_one_blas_thread
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
                t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
                polar_rtol: float = 1e-6, polar_atol: float = 1e-6, stiff_ref: float = 1e5,
-               h_max: float = 0.01,
+               u_tol: float | None = None, filter_error: bool = False, h_max: float = 0.01,
                max_steps: int = 100_000, sliding: bool = True) -> list[Trajectory]:
     """Gradient flow from a batch of initial parameters (leading axis) in one jitted,
     vmapped call: phase 1 (diffrax, with its Event) and phase 2 (ROS2 in log-polar time)
@@ -293,7 +364,8 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
     margins to ~1e-4 at log t = 100 on a width-20 ReLU net).
     """
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
-    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref)
+    cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref,
+                      u_tol=u_tol, filter_error=filter_error)
     leaves = jax.tree_util.tree_leaves(params0)
     batch = leaves[0].shape[0]
     first = jax.tree_util.tree_map(lambda p: jnp.asarray(p[0], jnp.float64), params0)

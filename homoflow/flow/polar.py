@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from ..problem import Problem
-from .sliding import _apply_first, _kink_z, _project, _sliding, _sliding_model
+from .sliding import _apply_slopes, _project, _sliding_model, _start, _tangent
 
 # status codes of the log-polar loop
 OK, NONFINITE, NOT_RADIAL, STEP_UNDERFLOW, MAX_STEPS, NOT_SEPARATED, PHASE1_FAILED = range(7)
@@ -75,7 +75,7 @@ def _per_point_neg_log_loss(problem: Problem, unravel, v, sl=None):
     kinks' derivatives are ``sl.slope`` where it is set."""
     if sl is None:
         return problem.loss.f(problem.margin_terms(unravel(v))[1])
-    out = _apply_first(problem, unravel(v), 0.0, sl.slope)
+    out = _apply_slopes(problem, unravel(v), 0.0, sl)
     return problem.loss.f(problem.margin_terms_of(out)[1])
 
 
@@ -88,7 +88,8 @@ def _field(problem, unravel, x, tau, sl=None) -> PolarPoint:
     u, pullback = jax.vjp(lambda z: _per_point_neg_log_loss(problem, unravel, z, sl), v)
     G = jax.vmap(pullback)(jnp.eye(u.shape[0], dtype=u.dtype))[0]
     if sl is not None:
-        G = jax.vmap(_project, (None, 0))(sl, G)
+        pj = _tangent(problem, unravel, sl, x)
+        G = jax.vmap(_project, (None, 0))(pj, G)
     log_loss = logsumexp(-u)
     w = jax.nn.softmax(-u)
     g = w @ G
@@ -109,7 +110,7 @@ def _field_only(problem, unravel, x, tau, sl=None) -> jax.Array:
     g = -jax.grad(lambda z: logsumexp(-_per_point_neg_log_loss(problem, unravel, z, sl)))(
         jnp.exp(tau) * x)
     if sl is not None:
-        g = _project(sl, g)
+        g = _project(_tangent(problem, unravel, sl, x), g)
     return g / (x @ g) - x
 
 
@@ -130,8 +131,7 @@ def _polar_start(problem: Problem, unravel, flat_t0, log_t0, sliding: bool = Fal
     x0, tau0 = flat_t0 / rho, jnp.log(rho)
     mask = sl = None
     if sliding and _sliding_model(problem):
-        mask = jnp.zeros(_kink_z(problem, x0).shape, bool)
-        sl = _sliding(problem, mask, jnp.full(mask.shape, jnp.nan, x0.dtype))
+        mask, sl = _start(problem, unravel, x0)
     # strongly typed scalars: the state _advance returns must have the avals it was given,
     # or its second call compiles the solver again
     f64 = lambda v: jnp.asarray(v, jnp.float64)

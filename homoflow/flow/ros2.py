@@ -16,6 +16,24 @@ from a JVP) and the chord |Delta theta_hat|^2 / h. C.9's slack is L (r - 1)(1 + 
 r - 1 = (soft-min entropy) / log(1/L) for the exponential loss, so it falls to ~1e-3 of the
 integral as the loss falls and the integral must be solved for, not sampled. Past
 e^{L tau} = ``stiff_ref`` the tolerances shrink like e^{-L tau}.
+
+The fast-slow split (DESIGN §3; ``PolarConfig.u_tol``, experimental, off by default).
+With u_n the per-point log losses (u_n = e^{L tau} q_n(x) for the exponential loss),
+w = softmax(-u) and G = du/dtheta, the Jacobian of F is dominated by
+-(e^tau / s) P G^T M G, M = diag w - w w^T: rank < |support|, eigenvalues
+lambda ~ e^{L tau}. The fast variables are the differences of u on the support (the range
+of M G), O(1) on the slow manifold; the slow ones are x's motion along ker(M G). An error
+d in x reaches the velocity only through the weights: du = e^tau G d, dw = M du,
+dF = P G^T dw / s, so |dF| / |F| <~ sum_n w_n |du_n|. Shrinking every coordinate's
+tolerance like e^{-L tau} (``stiff_ref``) buys that bound by over-resolving all P - rank
+slow directions; the split keeps the position tolerance fixed (``stiff_ref = inf``) and
+adds the bound itself, sum_n w_n |e^tau G_n est| <= ``u_tol``, on the step's error
+estimate ``est`` (optionally filtered by W^{-1}, ``filter_error``: Shampine's filter damps
+a component relaxing at rate lambda by 1 / (1 + gamma h lambda), as the L-stable step
+does). Lemma C.9's integrand |F|^2 is then accurate to ~2 u_tol relative, but the
+trapezoid's end correction uses d|F|^2/dtau from a JVP, which at a point off the slow
+manifold by d carries ~lambda^2 d; in this mode the plain trapezoid is used (error
+h^3 f''/12 of the slow dynamics, checked against the chord as before).
 """
 
 from __future__ import annotations
@@ -49,6 +67,14 @@ class PolarConfig:
     atol: float = 1e-6
     h_max: float = 0.01
     stiff_ref: float = math.inf
+    # the fast-slow treatment (experimental): also bound the step's error in the per-point
+    # log losses u as the soft-min weights feel it, sum_n w_n |e^tau G_n . err| <= u_tol
+    # (the velocity's relative error), so that stiff_ref can stay inf; None: off
+    u_tol: float | None = None
+    # filter the embedded error estimate through W^{-1} (Shampine's stiff error filter: a
+    # component relaxing at rate lambda is damped by 1 / (1 + gamma h lambda), as the
+    # step's own solution damps it); False: the raw estimate
+    filter_error: bool = False
 
     def __post_init__(self):
         rtol, atol = _tolerances("polar ", self.rtol, self.atol)
@@ -60,6 +86,8 @@ class PolarConfig:
         if not stiff_ref > 0:
             raise ValueError(f"stiff_ref must be > 0 (math.inf keeps phase 2's tolerances "
                              f"fixed), got {self.stiff_ref!r}")
+        if self.u_tol is not None:
+            object.__setattr__(self, "u_tol", _finite_at_least("u_tol", self.u_tol, 0.0, True))
         for name, v in (("rtol", rtol), ("atol", atol), ("h_max", h_max),
                         ("stiff_ref", stiff_ref)):
             object.__setattr__(self, name, v)
@@ -131,7 +159,13 @@ def _ros2_step(problem: Problem, unravel, st: PolarState, cfg: PolarConfig) -> P
                - _ROS2_GAMMA * h * F_tau)
     x_new = x + h * (1.5 * k1 + 0.5 * k2)
     x_new = x_new / jnp.linalg.norm(x_new)
-    err = jnp.sqrt(jnp.mean((0.5 * h * (k1 + k2) / scale) ** 2))
+    est = 0.5 * h * (k1 + k2)
+    if cfg.filter_error:
+        est = solve(est)
+    err = jnp.sqrt(jnp.mean((est / scale) ** 2))
+    if cfg.u_tol is not None:
+        du = jnp.exp(tau) * (pt.G @ est)
+        err = jnp.maximum(err, (pt.w @ jnp.abs(du)) / cfg.u_tol)
     x_step, sl_step, mask_step = x_new, sl, mask
     h_land = h
     if sl0 is not None:
@@ -161,6 +195,12 @@ def _ros2_step(problem: Problem, unravel, st: PolarState, cfg: PolarConfig) -> P
     # integral needs no more accuracy than that); the chord's rounding (~ 2 |F| eps sqrt(P))
     f2 = 0.5 * (pt.F @ pt.F + F_end @ F_end)
     trap = h * f2 - h * h * (dF2_end - pt.dF2) / 12.0
+    if cfg.u_tol is not None:
+        # fast-slow mode: d|F|^2/dtau from the JVP at a point off the slow manifold by the
+        # step's position error d carries lambda^2 d (lambda ~ e^{L tau}, the fast rate), so
+        # the end correction is dropped: the plain trapezoid, whose error h^3 f''/12 comes
+        # from the slow dynamics; |F|^2 itself is accurate to the velocity's u_tol
+        trap = h * f2
     chord = jnp.sum((x_step - x) ** 2) / h
     c9_rhs = (_log_smoothed_of(problem, new_pt.log_loss, tau + h)
               - _log_smoothed_of(problem, pt.log_loss, tau)) / problem.order

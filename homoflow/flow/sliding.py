@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..problem import Problem
+from . import deep
 
 
 def _apply_first(problem: Problem, params, offset, slope):
@@ -36,9 +37,39 @@ def _apply_first(problem: Problem, params, offset, slope):
 
 
 def _sliding_model(problem: Problem) -> bool:
-    """Whether phase 2 can slide on the model's kinks: a bias-free dense first layer."""
+    """Whether phase 2 can slide on the model's kinks: any declared kinks (this module's
+    per-neuron mode for a bias-free dense first layer alone, ``deep`` for the rest)."""
+    return problem.model.kinks is not None
+
+
+def _first_only(problem: Problem) -> bool:
+    """The per-neuron mode of this module: the only kinked layer is a bias-free dense first
+    layer (the two-layer MLP)."""
     kinks = problem.model.kinks
-    return kinks is not None and kinks.first_dense
+    return kinks is not None and kinks.first_dense and kinks.layers == 1
+
+
+def _start(problem: Problem, unravel, x0):
+    """(mask, sliding state) of the empty sliding set at x0, for either mode."""
+    if _first_only(problem):
+        mask = jnp.zeros(_kink_z(problem, x0).shape, bool)
+        return mask, _sliding(problem, mask, jnp.full(mask.shape, jnp.nan, x0.dtype))
+    return deep.start(problem, unravel, x0)
+
+
+def _apply_slopes(problem: Problem, params, offset, sl):
+    """The model's outputs with the sliding state's kink derivatives (either mode)."""
+    if isinstance(sl, deep.DeepSliding):
+        return deep.apply(problem, params, offset, sl.slope)
+    return _apply_first(problem, params, offset, sl.slope)
+
+
+def _tangent(problem: Problem, unravel, sl, x):
+    """What ``_project`` projects with at x: the per-neuron projectors (constant: z is
+    linear) or ``deep.Tangent`` (the manifold is curved: its rows at x)."""
+    if isinstance(sl, deep.DeepSliding):
+        return deep.tangent(problem, unravel, sl, x)
+    return sl
 
 
 class Sliding(NamedTuple):
@@ -79,7 +110,10 @@ def _sliding(problem: Problem, mask, slope) -> Sliding:
 
 def _project(sl: Sliding, v):
     """Orthogonal projection of flat v onto the tangent space {z_S(v) = 0} of the sliding
-    set (only the first layer's columns w_j move)."""
+    set (only the first layer's columns w_j move); a ``deep.Tangent`` projects with its
+    rows."""
+    if isinstance(sl, deep.Tangent):
+        return deep.project(sl, v)
     m, d = sl.R.shape[0], sl.R.shape[1]
     W = _first_layer(v, d, m)
     W = W - jnp.einsum("jab,bj->aj", sl.R, W)
@@ -181,6 +215,8 @@ def _capture(problem: Problem, unravel, st, scale, h_max) -> Capture:
     cut to end where the first is reached (event location by the linear prediction), so that
     a step never crosses a kink it should slide on: a crossing inside a step is a jump in
     the field, an O(h) error. ``scale`` is the step's error scale per coordinate."""
+    if isinstance(st.slide, deep.DeepSliding):
+        return deep.capture(problem, unravel, st, scale, h_max, Capture)
     x0, tau, h, pt0, sl0, mask = st.x, st.tau, st.h, st.point, st.slide, st.mask
     Xf = problem.X.reshape(problem.n, -1)
     m, d = sl0.R.shape[0], Xf.shape[1]
@@ -229,10 +265,14 @@ def _settle(problem: Problem, unravel, cap: Capture, x, x_new, tau, h, G, scale)
     sliding, x_new projected, the error, the step to retry with when a crossing decided
     it)."""
     mask, sl, jump, jump_unit = cap.mask, cap.slide, cap.jump, cap.jump_unit
-    z_a, z_b = _kink_z(problem, x), _kink_z(problem, x_new)
+    if isinstance(sl, deep.DeepSliding):
+        kink_z, ev = (lambda x: deep.sites(problem, unravel, x)), deep.events
+    else:
+        kink_z, ev = (lambda x: _kink_z(problem, x)), _events
+    z_a, z_b = kink_z(x), kink_z(x_new)
     cross = ~mask & (z_a * z_b < 0)
-    mask, sl, x_proj, _, e_end, over = _events(problem, unravel, mask, sl, x_new, tau + h,
-                                                cross, cross, cap.hold_unit)
+    mask, sl, x_proj, _, e_end, over = ev(problem, unravel, mask, sl, x_new, tau + h,
+                                          cross, cross, cap.hold_unit)
     jump = jnp.maximum(jump, jnp.sqrt(jnp.mean(((x_proj - x_new) / scale) ** 2)))
     # a kink whose multiplier left its bounds during the step was held past its release:
     # the velocity it forced differs from the flow's by over * (hi - lo) |e| x_n / s,
