@@ -111,3 +111,42 @@ def test_one_dimensional_bias_free_cnn_is_homogeneous_of_order_four():
     X = np.random.default_rng(1).normal(size=(12, 40))
     report = check_homogeneity(model, params, X)
     assert abs(report.order - 4.0) < 1e-9
+
+
+def _weights(groups):
+    return [g["w"] if isinstance(g, dict) else g for g in groups]
+
+
+def test_paper_cnn_presets_structure_and_multi_homogeneity():
+    # the exact model's layer shapes (abstractly: 4.2 M parameters need not be drawn here)
+    full = jax.eval_shape(models.paper_cnn().init, jax.random.PRNGKey(0))
+    assert [w.shape for w in _weights(full)] == [(5, 5, 1, 32), (3, 3, 32, 64),
+                                                  (8 * 8 * 64, 1024), (1024, 10)]
+    assert isinstance(full[0], dict) and not any(isinstance(g, dict) for g in full[1:])
+    c1, c2, h = widths = (4, 6, 8)
+    model = models.paper_cnn(widths=widths)
+    params = jax.jit(model.init)(jax.random.PRNGKey(2))  # one compile, not one per op
+    # conv-c1 5x5, conv-c2 3x3, fc (8*8*c2 -> h), fc (h -> 10): SAME convs, two 2x2 pools
+    assert [w.shape for w in _weights(params)] == [(5, 5, 1, c1), (3, 3, c1, c2),
+                                                   (8 * 8 * c2, h), (h, 10)]
+    # He-normal: std sqrt(2 / fan_in) per layer, within 4 standard errors of the sample std
+    for w, fan_in in zip(_weights(params), (25, 9 * c1, 64 * c2, h)):
+        assert abs(float(np.std(w)) / math.sqrt(2 / fan_in) - 1) < 4 / math.sqrt(2 * w.size)
+    assert float(np.max(np.abs(params[0]["b"]))) == 0.0  # biases start at zero
+    assert model.layer_orders == (1.0,) * 4 and model.order == 4.0 and model.homogeneous
+    X = np.random.default_rng(3).uniform(size=(2, 32, 32, 1))
+    params = (dict(params[0], b=params[0]["b"] + 0.1), *params[1:])
+    report = check_homogeneity(model, params, X)
+    assert abs(report.order - 4.0) < 1e-9
+    assert all(abs(k - 1.0) < 1e-9 for k in report.layer_orders)
+    with_bias = jax.eval_shape(models.paper_cnn(bias="all", widths=widths).init,
+                               jax.random.PRNGKey(0))
+    assert not models.paper_cnn(bias="all").homogeneous
+    assert all(isinstance(g, dict) for g in with_bias)
+
+
+def test_paper_cnn_refuses_bad_presets():
+    with pytest.raises(ValueError, match="bias must be 'first'"):
+        models.paper_cnn(bias="none")
+    with pytest.raises(ValueError, match="three positive sizes"):
+        models.paper_cnn(widths=(32, 64))
