@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -175,18 +176,43 @@ def _float32_forward(model):
 
 
 def _model(config: Config, arch: str, n_classes: int, input_shape):
-    if config.data == "mnist" and len(config.channels) == 2 and tuple(config.kernel) == (5, 3):
+    return _cached_model(config.data, tuple(config.channels), tuple(config.kernel),
+                         config.hidden, arch, n_classes, tuple(input_shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_model(data_name, channels, kernel, hidden, arch, n_classes, input_shape):
+    """One model object per architecture: models hash by identity, so a repeated or resumed
+    run reuses the compiled training program."""
+    if data_name == "mnist" and len(channels) == 2 and kernel == (5, 3):
         return models.paper_cnn("first" if arch == "no_bias" else "all",
-                                widths=(*config.channels, config.hidden),
-                                input_shape=input_shape, n_outputs=n_classes)
-    return models.cnn(input_shape, config.channels, config.kernel, hidden=config.hidden,
-                      n_outputs=n_classes, bias_first=True, all_biases=arch == "bias")
+                                widths=(*channels, hidden), input_shape=input_shape,
+                                n_outputs=n_classes)
+    return models.cnn(input_shape, channels, kernel, hidden=hidden, n_outputs=n_classes,
+                      bias_first=True, all_biases=arch == "bias")
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_float32(model):
+    return _float32_forward(model)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_policy(schedule: str, alpha0: float, lr: float):
+    """(policy, cell): one policy object per schedule (one compiled program for every run and
+    segment); ``init`` returns ``cell["state"]``, which ``train`` sets before each segment."""
+    base = (schedules.loss_based(alpha0=alpha0) if schedule == "loss_based"
+            else schedules.constant(lr))
+    cell = {"state": base.init()}
+    return dataclasses.replace(base, init=lambda: cell["state"]), cell, base
 
 
 def _fingerprint(config: Config, n: int) -> str:
-    """What a saved training state must match to be resumed: everything but the attack."""
+    """What a saved training state must match to be resumed: everything but the attack and
+    the epoch budgets (a finished run can be extended with more epochs)."""
     keep = {k: v for k, v in asdict(config).items()
-            if not k.startswith("attack") and k not in ("eps_max", "n_eps", "runs")}
+            if not k.startswith("attack") and k not in ("eps_max", "n_eps", "runs", "epochs",
+                                                        "epochs_comparison", "test_every")}
     return hashlib.sha256(json.dumps(_jsonable({**keep, "n": n}), sort_keys=True)
                           .encode()).hexdigest()[:16]
 
@@ -266,19 +292,19 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
     problem = make_problem(model, losses.cross_entropy(), split.X_train, split.y_train,
                            allow_nonhomogeneous=arch == "bias")
     if config.dtype == "float32":  # the order was checked in float64 just above
-        problem = Problem(problem.X, problem.y, _float32_forward(model), problem.loss)
+        problem = Problem(problem.X, problem.y, _cached_float32(model), problem.loss)
     n = problem.n
-    base = (schedules.loss_based(alpha0=config.alpha0) if schedule == "loss_based"
-            else schedules.constant(config.lr_constant / n))
     # one policy object for every segment (one compiled program); its state is traced, and
     # ``init`` hands each segment the state the previous one ended with
-    cell = {"state": base.init()}
-    policy = dataclasses.replace(base, init=lambda: cell["state"])
+    policy, cell, base = _cached_policy(schedule, config.alpha0, config.lr_constant / n)
+    cell["state"] = base.init()
     epochs = config.epochs if name == TABLE_RUN else config.epochs_comparison
     accuracy, norms_of = _evaluator(model, split.X_test, split.y_test)
     L = len(model.layer_orders)
     fingerprint = _fingerprint(dataclasses.replace(config, runs=()), n) + name
     path = None if state_dir is None else Path(state_dir) / f"{name.replace('/', '_')}.npz"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     params = model.init(jax.random.PRNGKey(config.seed))
     saved = None if path is None else _load_state(path, params, fingerprint)
     if saved is None:
@@ -351,7 +377,7 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
             cell["state"] = st._replace(log_alpha=jnp.asarray(log_alpha))
         if path is not None:
             _save_state(path, {"fingerprint": fingerprint, "done": done,
-                               "finished": finished or done >= epochs, "status": status,
+                               "finished": finished, "status": status,
                                "message": message, "params": jax.device_get(last["params"]),
                                "rows": rows, "checkpoints": checkpoints,
                                "policy_state": [float(x) for x in
