@@ -172,6 +172,15 @@ def _tiny(**changes):
     return config, data.load(config.data, classes=config.classes, **extra)
 
 
+def _same_rows(rows_a, rows_b):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (a["epoch"], k)
+
+
+@pytest.mark.slow  # three short training runs: ~10 min at a load of 17 on 2 cores
 def test_an_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp_path,
                                                                             monkeypatch):
     config, split = _tiny(epochs=9, segment=3)
@@ -192,16 +201,13 @@ def test_an_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp
     resumed = paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "b")
     assert [r["epoch"] for r in resumed["rows"]] == list(range(10))
     # bit for bit: same batches (key folded with the segment's first epoch), same alpha
-    for a, b in zip(whole["rows"], resumed["rows"]):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (a["epoch"], k)
+    _same_rows(whole["rows"], resumed["rows"])
     for x, y in zip(jax.tree_util.tree_leaves(whole["final"]["params"]),
                     jax.tree_util.tree_leaves(resumed["final"]["params"])):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     # a finished run is read back, not retrained; another configuration is refused
     again = paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "b")
-    assert again["rows"] == resumed["rows"]
+    _same_rows(again["rows"], resumed["rows"])
     other = dataclasses.replace(config, seed=1)
     with pytest.raises(ValueError, match="another configuration"):
         paper_cnn.train(name, other, split, progress=False, state_dir=tmp_path / "b")

@@ -43,7 +43,7 @@ import numpy as np
 from .. import attacks, data, losses, models, schedules
 from ..descent import RunStopped, descent
 from ..problem import Problem, make_problem
-from ..trajectory import _flatten_with_names, package_versions
+from ..trajectory import _flatten_with_names, _unflatten_from_names, package_versions
 
 RUNS = ("no_bias/loss_based", "bias/loss_based", "no_bias/constant", "bias/constant")
 TABLE_RUN = "no_bias/loss_based"
@@ -610,6 +610,25 @@ def load(out) -> dict:
             radii.setdefault((label, which), {})[kind] = f[key]
     return {"records": records, "radii": radii,
             **json.loads((out / "summary.json").read_text())}
+
+
+def load_checkpoint(out, label: str = "model-4"):
+    """(config, model, params) of checkpoint ``label`` of a finished run directory: the
+    CNN without bias that Table 1 and Figure 8 are about."""
+    out = Path(out)
+    cfg = json.loads((out / "summary.json").read_text())["config"]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()
+                       if k in fields})
+    with np.load(out / "checkpoints.npz") as f:
+        arrays = {k[len(label):]: f[k] for k in f.files
+                  if k.startswith(label) and k[len(label)] == "["}
+    if not arrays:
+        raise ValueError(f"{out / 'checkpoints.npz'} has no checkpoint {label!r}")
+    params = _unflatten_from_names(arrays)
+    n_classes = 10 if config.classes is None else len(config.classes)
+    shape = (32, 32, 1) if config.data == "mnist" else (8, 8, 1)
+    return config, _model(config, "no_bias", n_classes, shape), params
 
 
 _STYLE = {"no_bias": ("C0", "CNN without bias"), "bias": ("C3", "CNN with bias")}
