@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 try:
@@ -121,8 +122,11 @@ def main(argv=None) -> int:
             problem64.X, problem64.y, _cached_float32(model), problem64.loss)
 
         def hf(epochs):
-            traj = descent(problem, params0, policy, epochs, batch_size=100,
-                           record_at=[epochs], kkt=False, snapshots=False, progress=False)
+            with warnings.catch_warnings():  # a few epochs at a small step do not separate
+                warnings.filterwarnings("ignore", message="the loss never fell below")
+                traj = descent(problem, params0, policy, epochs, batch_size=100,
+                               record_at=[epochs], kkt=False, snapshots=False,
+                               progress=False)
             return float(traj.columns["log_loss"][-1])
 
         hf(args.epochs)  # compile (the trip count is traced: one program for every length)
