@@ -101,11 +101,11 @@ class Config:
 
 # the test suite's configuration: one homogeneous and one non-homogeneous run, a tiny CNN
 # with the paper's structure (5 x 5 then 3 x 3 kernels, 32 x 32 inputs) on 200 MNIST 0s and 1s
-QUICK = Config(data="mnist", classes=(0, 1), train_size=200, test_size=200, channels=(2, 4),
-               kernel=(5, 3), hidden=8, epochs=50, epochs_comparison=3,
+QUICK = Config(data="mnist", classes=(0, 1), train_size=200, test_size=200, channels=(4, 8),
+               kernel=(5, 3), hidden=16, epochs=60, epochs_comparison=3,
                runs=(TABLE_RUN, "bias/constant"), thresholds=(-3.0, -6.0, -9.0, -12.0),
                attack_points=16, attack_binary_steps=2, attack_steps=20, attack_polish=1,
-               n_eps=26, segment=25)
+               n_eps=26, segment=30)
 # the paper's length (10 000 epochs for every run) and every point attacked
 FULL = Config(epochs=10_000, epochs_comparison=10_000, attack_points=None)
 
