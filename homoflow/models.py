@@ -376,6 +376,31 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
                  kinks=kinks, homogeneous=not all_biases)
 
 
+PAPER_CNN_WIDTHS = (32, 64, 1024)
+
+
+def paper_cnn(bias: str = "first", widths: Sequence[int] = PAPER_CNN_WIDTHS,
+              input_shape: Sequence[int] = (32, 32, 1), n_outputs: int = 10) -> Model:
+    """Appendix J's MNIST CNN (the MNIST Adversarial Examples Challenge model): conv-32
+    5 x 5, max-pool, conv-64 3 x 3, max-pool, fc-1024, fc-10, ReLU, SAME padding, 2 x 2
+    pools, He-normal weights, zero biases, on 32 x 32 images.
+
+    ``bias="first"``: the paper's "CNN without bias" (only the first convolution keeps its
+    bias, so the model is (1, 1, 1, 1)-homogeneous in its four layers, L = 4).
+    ``bias="all"``: the "CNN with bias" (not homogeneous; ``homogeneous=False``).
+    ``widths=(c1, c2, hidden)`` narrows the layers (same structure, kernels and inputs).
+    """
+    if bias not in ("first", "all"):
+        raise ValueError(f"paper_cnn bias must be 'first' (CNN without bias) or 'all' (CNN "
+                         f"with bias), got {bias!r}")
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 3 or min(widths) < 1:
+        raise ValueError(f"paper_cnn widths must be three positive sizes (conv 1, conv 2, "
+                         f"dense), got {widths}")
+    return cnn(input_shape, channels=widths[:2], kernel=(5, 3), pool=2, hidden=widths[2],
+               n_outputs=n_outputs, bias_first=True, all_biases=bias == "all")
+
+
 def mexican_hat_params(r: float = 0.5) -> Params:
     """Theorem I.1's initial condition: unit theta with 0 < r < 1 and phi = 1/(1 - r^2)."""
     if not 0 < r < 1:

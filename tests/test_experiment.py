@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import math
 
@@ -6,9 +7,17 @@ import jax
 import numpy as np
 import pytest
 
-from homoflow import check_homogeneity, losses, make_problem, models
+from homoflow import check_homogeneity, data, losses, make_problem, models
 from homoflow.cli import main
 from homoflow.experiments import paper_cnn
+
+try:  # MNIST is the optional mnist extra; without it the quick run uses the digits
+    from homoflow import mnist as _mnist
+    _mnist.locate()
+    HAVE_MNIST = True
+except ImportError:
+    HAVE_MNIST = False
+QUICK_DATA = [] if HAVE_MNIST else ["--data", "digits"]
 
 
 def _read_csv(path):
@@ -22,7 +31,8 @@ def _read_csv(path):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper_cnn")
-    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress",
+                 *QUICK_DATA]) == 0
     return out
 
 
@@ -111,3 +121,108 @@ def test_one_dimensional_bias_free_cnn_is_homogeneous_of_order_four():
     X = np.random.default_rng(1).normal(size=(12, 40))
     report = check_homogeneity(model, params, X)
     assert abs(report.order - 4.0) < 1e-9
+
+
+def _weights(groups):
+    return [g["w"] if isinstance(g, dict) else g for g in groups]
+
+
+def test_paper_cnn_presets_structure_and_multi_homogeneity():
+    # the exact model's layer shapes (abstractly: 4.2 M parameters need not be drawn here)
+    full = jax.eval_shape(models.paper_cnn().init, jax.random.PRNGKey(0))
+    assert [w.shape for w in _weights(full)] == [(5, 5, 1, 32), (3, 3, 32, 64),
+                                                  (8 * 8 * 64, 1024), (1024, 10)]
+    assert isinstance(full[0], dict) and not any(isinstance(g, dict) for g in full[1:])
+    c1, c2, h = widths = (4, 6, 8)
+    model = models.paper_cnn(widths=widths)
+    params = jax.jit(model.init)(jax.random.PRNGKey(2))  # one compile, not one per op
+    # conv-c1 5x5, conv-c2 3x3, fc (8*8*c2 -> h), fc (h -> 10): SAME convs, two 2x2 pools
+    assert [w.shape for w in _weights(params)] == [(5, 5, 1, c1), (3, 3, c1, c2),
+                                                   (8 * 8 * c2, h), (h, 10)]
+    # He-normal: std sqrt(2 / fan_in) per layer, within 4 standard errors of the sample std
+    for w, fan_in in zip(_weights(params), (25, 9 * c1, 64 * c2, h)):
+        assert abs(float(np.std(w)) / math.sqrt(2 / fan_in) - 1) < 4 / math.sqrt(2 * w.size)
+    assert float(np.max(np.abs(params[0]["b"]))) == 0.0  # biases start at zero
+    assert model.layer_orders == (1.0,) * 4 and model.order == 4.0 and model.homogeneous
+    X = np.random.default_rng(3).uniform(size=(2, 32, 32, 1))
+    params = (dict(params[0], b=params[0]["b"] + 0.1), *params[1:])
+    report = check_homogeneity(model, params, X)
+    assert abs(report.order - 4.0) < 1e-9
+    assert all(abs(k - 1.0) < 1e-9 for k in report.layer_orders)
+    with_bias = jax.eval_shape(models.paper_cnn(bias="all", widths=widths).init,
+                               jax.random.PRNGKey(0))
+    assert not models.paper_cnn(bias="all").homogeneous
+    assert all(isinstance(g, dict) for g in with_bias)
+
+
+def test_paper_cnn_refuses_bad_presets():
+    with pytest.raises(ValueError, match="bias must be 'first'"):
+        models.paper_cnn(bias="none")
+    with pytest.raises(ValueError, match="three positive sizes"):
+        models.paper_cnn(widths=(32, 64))
+
+
+def _tiny(**changes):
+    """A few epochs of the quick configuration on 100 training images."""
+    config = dataclasses.replace(paper_cnn.QUICK, train_size=100, test_size=50, **changes)
+    if not HAVE_MNIST:
+        config = dataclasses.replace(config, data="digits", train_size=None, test_size=None)
+    extra = ({"train_size": config.train_size, "test_size": config.test_size}
+             if config.data == "mnist" else {})
+    return config, data.load(config.data, classes=config.classes, **extra)
+
+
+def _same_rows(rows_a, rows_b):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])), (a["epoch"], k)
+
+
+@pytest.mark.slow  # three short training runs: ~10 min at a load of 17 on 2 cores
+def test_an_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp_path,
+                                                                            monkeypatch):
+    config, split = _tiny(epochs=9, segment=3)
+    name = paper_cnn.TABLE_RUN
+    whole = paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "a")
+    real, calls = paper_cnn.descent, {"n": 0}
+
+    def killed_in_the_third_segment(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paper_cnn, "descent", killed_in_the_third_segment)
+    with pytest.raises(KeyboardInterrupt):
+        paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "b")
+    monkeypatch.setattr(paper_cnn, "descent", real)
+    resumed = paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "b")
+    assert [r["epoch"] for r in resumed["rows"]] == list(range(10))
+    # bit for bit: same batches (key folded with the segment's first epoch), same alpha
+    _same_rows(whole["rows"], resumed["rows"])
+    for x, y in zip(jax.tree_util.tree_leaves(whole["final"]["params"]),
+                    jax.tree_util.tree_leaves(resumed["final"]["params"])):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # a finished run is read back, not retrained; another configuration is refused
+    again = paper_cnn.train(name, config, split, progress=False, state_dir=tmp_path / "b")
+    _same_rows(again["rows"], resumed["rows"])
+    other = dataclasses.replace(config, seed=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        paper_cnn.train(name, other, split, progress=False, state_dir=tmp_path / "b")
+
+
+@pytest.mark.slow  # two more compiled training programs (float32 and float64)
+def test_float32_forward_tracks_the_float64_run():
+    config, split = _tiny(epochs=4)
+    name = paper_cnn.TABLE_RUN
+    r64 = paper_cnn.train(name, config, split, progress=False)
+    r32 = paper_cnn.train(name, dataclasses.replace(config, dtype="float32"), split,
+                          progress=False)
+    a = np.array([r["log10_loss"] for r in r64["rows"]])
+    b = np.array([r["log10_loss"] for r in r32["rows"]])
+    # float32 rounds each output to ~6e-8 relative; over 4 epochs of 1-2 SGD steps the
+    # parameters drift by a few 1e-6 relative, which moves log10 L by far less than 1e-3
+    assert np.all(np.abs(a - b) <= 1e-3 * np.maximum(1.0, np.abs(a))), (a, b)
+    assert a[-1] < a[0] and b[-1] < b[0]
