@@ -1,5 +1,5 @@
 import math
-import sys
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import homoflow
 from homoflow import data, losses, models, schedules
 from homoflow.problem import make_problem
 
-D = sys.modules["homoflow.descent"]
+D = importlib.import_module("homoflow.descent")   # the module (homoflow.descent is the function)
 
 
 @pytest.fixture(scope="module")
