@@ -599,7 +599,9 @@ def _line_search(problem: Problem, unravel, x, target, Z, L, crossings: int = 48
     c = np.asarray(_margins_batch(problem, jax.vmap(unravel)(jnp.asarray(pts))))
     q = c.min(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.where(q > 0, q / np.linalg.norm(pts, axis=1) ** L, -np.inf)
+        # gamma_bar = exp(log q - L log rho): q / rho^L overflows once rho^L > 1.8e308
+        m = np.where(q > 0, np.exp(np.log(q) - L * np.log(np.linalg.norm(pts, axis=1))),
+                     -np.inf)
     k = int(np.argmax(m))
     if not np.isfinite(m[k]):
         return None, -np.inf, None, 0.0
@@ -860,6 +862,10 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
     after = np.nonzero(cols["separated"].astype(bool) & np.isfinite(cols["log_T"])
                        & (cols["log_T"] > 0))[0]
     if after.size == 0:
+        if trajectory.meta.get("status") == "not_separated":
+            raise ValueError(f"the data were never separated (status not_separated), so (P) "
+                             f"has no KKT point to converge to: "
+                             f"{trajectory.meta.get('message', '')}")
         raise ValueError("no saved point after separation with log T > 0: nothing to report")
     snaps = trajectory.snapshots
     have_snaps = snaps is not None and len(jax.tree_util.tree_leaves(snaps)) > 0

@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import attacks, data, losses, models, schedules
+from .. import io as hio
 from ..descent import RunStopped, descent
 from ..problem import Problem, make_problem
 from ..trajectory import _flatten_with_names, _unflatten_from_names, package_versions
@@ -213,17 +213,8 @@ def _fingerprint(config: Config, n: int) -> str:
     keep = {k: v for k, v in asdict(config).items()
             if not k.startswith("attack") and k not in ("eps_max", "n_eps", "runs", "epochs",
                                                         "epochs_comparison", "test_every")}
-    return hashlib.sha256(json.dumps(_jsonable({**keep, "n": n}), sort_keys=True)
+    return hashlib.sha256(json.dumps(hio.jsonable({**keep, "n": n}), sort_keys=True)
                           .encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -240,8 +231,8 @@ def _save_state(path: Path, state: dict) -> None:
             "rows": state["rows"], "wall_time_s": state["wall_time_s"],
             "checkpoints": {str(k): c["record"] for k, c in state["checkpoints"].items()}}
     buf = io.BytesIO()
-    np.savez(buf, __meta__=np.asarray(json.dumps(_jsonable(meta))), **arrays)
-    _atomic_write(path, buf.getvalue())
+    np.savez(buf, __meta__=np.asarray(json.dumps(hio.jsonable(meta))), **arrays)
+    hio.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def _load_state(path: Path, template, fingerprint: str) -> dict | None:
@@ -502,18 +493,6 @@ def _write_csv(path: Path, rows: list[dict]):
         w.writerows(rows)
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else str(float(x))
-    if isinstance(x, (np.integer, np.bool_)):
-        return x.item()
-    return x
-
-
 def run(config: Config = Config(), out=None, progress: bool = True, log=print) -> dict:
     """Train the runs, build Table 1 and the robustness curves, write everything to ``out``."""
     t0 = time.perf_counter()
@@ -575,7 +554,7 @@ def write(result: dict, out: Path, eps) -> None:
                if t not in result["checks"]["thresholds_reached"]]
     note = (f"\nNot reached within the epoch budget: training loss below "
             f"{', '.join(f'10^{t:g}' for t in missing)}.\n" if missing else "")
-    (out / "table1.md").write_text(table1_markdown(result["table1"], note))
+    hio.write_text(out / "table1.md", table1_markdown(result["table1"], note))
     _write_csv(out / "table1.csv", result["table1"])
     for name, rows in result["records"].items():
         _write_csv(out / f"epochs_{name.replace('/', '_')}.csv", rows)
@@ -588,7 +567,7 @@ def write(result: dict, out: Path, eps) -> None:
                                          for name, v in _flatten_with_names(p).items()})
     summary = {k: v for k, v in result.items()
                if k not in ("records", "curves", "radii", "checkpoint_params")}
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    hio.write_json(out / "summary.json", summary)
     plot(result, out, eps)
 
 
@@ -646,7 +625,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        fig.savefig(out / name, dpi=120)
+        hio.write_figure(fig, out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
 
