@@ -271,6 +271,10 @@ def test_never_separated_data_end_not_separated_for_every_policy_with_the_eviden
     assert traj.status == "not_separated" and traj.meta["t0_step"] is None
     # log L sits at its floor: the minimum of the convex loss: theta = 0, L = 4 log 2 (4 points)
     assert traj["log_loss"][-1] == pytest.approx(math.log(4 * math.log(2)), abs=1e-6)
+    # and the convergence report names non-separability, not a missing saved point
+    from homoflow.kkt import convergence_report
+    with pytest.raises(ValueError, match="never separated"):
+        convergence_report(prob, traj)
 
 
 def test_updates_below_float64_spacing_end_the_run_frozen_not_completed():
