@@ -189,6 +189,7 @@ def test_record_grid_is_log_spaced_from_zero_to_the_last_step():
     assert np.allclose(ratios, ratios[0], rtol=0.05)
 
 
+@pytest.mark.slow  # 42 s on a quiet 2-core machine; benchmarks/descent_reach.py measures it
 def test_default_problem_reaches_log_loss_below_minus_1e5_with_finite_records(default_problem):
     """Far into the asymptotic regime: L = e^{-10^5} is 10^-43430, where L itself, grad L and
     eta = alpha / L all leave float64's range; homoflow carries their logs. The loss-based

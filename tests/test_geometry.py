@@ -290,7 +290,7 @@ def test_sweep_rejects_bad_steepest_settings_before_compute():
     from homoflow import sweep
     with pytest.raises(ValueError, match="p must be"):
         sweep.sweep({"model": "linear", "depth": 1, "policy": "lp", "p": 0.5}, progress=False)
-    with pytest.raises(ValueError, match="unknown step 'adam'"):
+    with pytest.raises(ValueError, match="step must be one of loss_based, normalized, constant, got 'adam'"):
         sweep.sweep({"model": "linear", "depth": 1, "policy": "sign", "step": "adam"},
                     progress=False)
     with pytest.raises(ValueError, match=r"\['p'\] are swept but policy 'sign'"):

@@ -58,7 +58,7 @@ def test_sigint_saves_the_run_and_resume_equals_the_uninterrupted_run(tmp_path):
     assert part.status == "interrupted" and part.meta["interrupted_by"] == "SIGINT"
     assert "homoflow run --resume" in part.meta["message"]
     assert 1 <= len(part) and int(part["step"][-1]) < 5000
-    assert (d / "state.npz").exists() and (d / "loss.png").exists()
+    assert (d / "state.npz").exists() and (d / "summary.png").exists()
 
     assert _homoflow(["run", "--resume", str(d), "--no-progress", "--no-kkt-report"],
                      tmp_path) == 0

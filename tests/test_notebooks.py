@@ -24,6 +24,7 @@ def test_there_are_notebooks():
     assert PATHS, f"no notebooks found in {NOTEBOOKS}"
 
 
+@pytest.mark.slow  # executes all seven notebooks: 160 s of a 1,190-s default run (issue 16)
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_runs_without_a_cell_error_in_quick_mode(path, quick_runs):
     result = quick_runs[path]
