@@ -234,13 +234,21 @@ def norms(problem: Problem, unravel, x, scale):
     return b, a
 
 
-def capture(problem: Problem, unravel, st, scale, h_max, Capture):
-    """``sliding._capture`` for every layer's sites (same return type, ``Capture``)."""
+def hit_times(z, zdot):
+    """When each site's pre-activation z reaches 0 at the rate zdot (linear prediction):
+    0 where z = 0, inf where it moves away or stands still."""
+    return jnp.where(z * zdot < 0, -z / jnp.where(zdot == 0, 1.0, zdot),
+                     jnp.where(z == 0, 0.0, jnp.inf))
+
+
+def capture(problem: Problem, unravel, st, scale, h_max):
+    """The first half of ``sliding._capture`` for every layer's sites: (mask, slide, x,
+    feasible, e) after ``events``, and the candidates, near, hit times, jump and hold units
+    from which ``sliding._capture`` cuts the step."""
     x0, tau, h, pt0, sl0, mask = st.x, st.tau, st.h, st.point, st.slide, st.mask
     P = x0.shape[0]
     z, zdot = jax.jvp(lambda y: sites(problem, unravel, y), (x0,), (pt0.F,))
-    t_hit = jnp.where(z * zdot < 0, -z / jnp.where(zdot == 0, 1.0, zdot),
-                      jnp.where(z == 0, 0.0, jnp.inf))
+    t_hit = hit_times(z, zdot)
     cand = ~mask & (t_hit <= h)
     b, a = norms(problem, unravel, x0, scale)
     b = jnp.maximum(b, 1e-300)
@@ -255,12 +263,5 @@ def capture(problem: Problem, unravel, st, scale, h_max, Capture):
     kink = problem.model.kinks
     jump_unit = (kink.hi - kink.lo) / pt0.s * jnp.sqrt(a / P)
     hold_unit = 0.2 / (h_max * jump_unit)
-    mask_n, sl, x, feasible, e, _ = events(problem, unravel, mask, sl0, x0, tau, cand, near,
-                                           hold_unit)
-    f_jump = jump_unit * jnp.abs(e)
-    cut = (cand & ~(mask_n & ~mask) & (h * f_jump > 0.1) & (t_hit > 0.01 * h)
-           & ~(feasible & near))
-    h_eff = jnp.minimum(h, jnp.min(jnp.where(cut, t_hit, jnp.inf)))
-    moved = jnp.any(mask_n != mask)
-    jump = jnp.sqrt(jnp.mean(((x - x0) / scale) ** 2))
-    return Capture(mask_n, sl, x, h_eff, jump, moved, hold_unit, jump_unit)
+    return events(problem, unravel, mask, sl0, x0, tau, cand, near, hold_unit)[:5] + (
+        cand, near, t_hit, jump_unit, hold_unit)

@@ -215,15 +215,34 @@ def _capture(problem: Problem, unravel, st, scale, h_max) -> Capture:
     cut to end where the first is reached (event location by the linear prediction), so that
     a step never crosses a kink it should slide on: a crossing inside a step is a jump in
     the field, an O(h) error. ``scale`` is the step's error scale per coordinate."""
+    x0, h, mask = st.x, st.h, st.mask
     if isinstance(st.slide, deep.DeepSliding):
-        return deep.capture(problem, unravel, st, scale, h_max, Capture)
+        front = deep.capture(problem, unravel, st, scale, h_max)
+    else:
+        front = _capture_first(problem, unravel, st, scale, h_max)
+    mask_n, sl, x, feasible, e, cand, near, t_hit, jump_unit, hold_unit = front
+    # the step ends where the first kink it would cross is reached (linear prediction),
+    # unless crossing it inside the step costs little: the field jumps there by
+    # (hi - lo) e_nj x_n / s in column j, an error of about h |jump| (error units); a
+    # kink reached in the first 1% of the step is crossed at once
+    f_jump = jump_unit * jnp.abs(e)
+    cut = (cand & ~(mask_n & ~mask) & (h * f_jump > 0.1) & (t_hit > 0.01 * h)
+           & ~(feasible & near))
+    h_eff = jnp.minimum(h, jnp.min(jnp.where(cut, t_hit, jnp.inf)))
+    moved = jnp.any(mask_n != mask)
+    jump = jnp.sqrt(jnp.mean(((x - x0) / scale) ** 2))
+    return Capture(mask_n, sl, x, h_eff, jump, moved, hold_unit, jump_unit)
+
+
+def _capture_first(problem: Problem, unravel, st, scale, h_max):
+    """``_capture``'s first half on a first dense layer's kinks (``deep.capture``'s
+    per-neuron twin): the events, and what the step cut needs."""
     x0, tau, h, pt0, sl0, mask = st.x, st.tau, st.h, st.point, st.slide, st.mask
     Xf = problem.X.reshape(problem.n, -1)
     m, d = sl0.R.shape[0], Xf.shape[1]
     z = _kink_z(problem, x0)
     zdot = _kink_z(problem, pt0.F)  # z is linear in theta: dz/dtau = z(F)
-    t_hit = jnp.where(z * zdot < 0, -z / jnp.where(zdot == 0, 1.0, zdot),
-                      jnp.where(z == 0, 0.0, jnp.inf))
+    t_hit = deep.hit_times(z, zdot)
     cand = ~mask & (t_hit <= h)
     xn2 = jnp.sum(Xf * Xf, axis=1)
     # a kink that left S keeps its bound's slope only while z is rounding-sized
@@ -241,19 +260,8 @@ def _capture(problem: Problem, unravel, st, scale, h_max) -> Capture:
     kink = problem.model.kinks
     jump_unit = (kink.hi - kink.lo) / pt0.s * jnp.sqrt(spread / x0.shape[0])
     hold_unit = 0.2 / (h_max * jump_unit)
-    mask_n, sl, x, feasible, e, _ = _events(problem, unravel, mask, sl0, x0, tau, cand,
-                                            near, hold_unit)
-    # the step ends where the first kink it would cross is reached (linear prediction),
-    # unless crossing it inside the step costs little: the field jumps there by
-    # (hi - lo) e_nj x_n / s in column j, an error of about h |jump| (error units); a
-    # kink reached in the first 1% of the step is crossed at once
-    f_jump = jump_unit * jnp.abs(e)
-    cut = (cand & ~(mask_n & ~mask) & (h * f_jump > 0.1) & (t_hit > 0.01 * h)
-           & ~(feasible & near))
-    h_eff = jnp.minimum(h, jnp.min(jnp.where(cut, t_hit, jnp.inf)))
-    moved = jnp.any(mask_n != mask)
-    jump = jnp.sqrt(jnp.mean(((x - x0) / scale) ** 2))
-    return Capture(mask_n, sl, x, h_eff, jump, moved, hold_unit, jump_unit)
+    return _events(problem, unravel, mask, sl0, x0, tau, cand, near, hold_unit)[:5] + (
+        cand, near, t_hit, jump_unit, hold_unit)
 
 
 def _settle(problem: Problem, unravel, cap: Capture, x, x_new, tau, h, G, scale):
