@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import theory
+from . import io, theory
 from .trajectory import Trajectory
 
 LN10 = math.log(10.0)
@@ -264,9 +264,7 @@ def save_summary(traj: Trajectory, directory, report: dict | None = None) -> Pat
                          reference_label=(f"polished KKT point γ* = "
                                           f"{polished.normalized_margin:.6g}") if polished
                          else None)
-    path = Path(directory) / "summary.png"
-    fig.savefig(path, dpi=100)
-    return path
+    return io.write_figure(fig, Path(directory) / "summary.png", dpi=100)
 
 
 def rate_figure(table, *, by: str = "order"):

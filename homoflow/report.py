@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import theory
+from . import io, theory
 
 LN10 = math.log(10.0)
 
@@ -119,9 +119,9 @@ def write_sweep_report(table, out) -> list[Path]:
 
     out = Path(out)
     status = out / "status.md"
-    status.write_text(status_table(table) + "\n")
+    io.write_text(status, status_table(table) + "\n")
     rates = out / "rates.png"
-    rate_figure(table).savefig(rates, dpi=100)
+    io.write_figure(rate_figure(table), rates, dpi=100)
     return [status, rates]
 
 
@@ -155,15 +155,15 @@ def report(dirs: list, out, labels: list[str] | None = None) -> str:
     if runs:
         parts.append("## runs\n\n" + markdown([run_row(t, n) for n, t in runs], RUN_COLUMNS))
         fig = compare_figure([t for _, t in runs], [n for n, _ in runs])
-        fig.savefig(out / "compare.png", dpi=100)
+        io.write_figure(fig, out / "compare.png", dpi=100)
         parts.append("figure: compare.png")
     for n, table in sweeps:
         parts.append(f"## sweep {n}\n\n" + status_table(table))
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in n)
-        rate_figure(table).savefig(out / f"rates-{safe}.png", dpi=100)
+        io.write_figure(rate_figure(table), out / f"rates-{safe}.png", dpi=100)
         parts.append(f"figure: rates-{safe}.png")
     text = "\n\n".join(parts) + "\n"
-    (out / "report.md").write_text(text)
+    io.write_text(out / "report.md", text)
     return text
 
 
