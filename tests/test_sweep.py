@@ -42,6 +42,20 @@ def _tables_equal(t1, t2, rtol=1e-12):
             assert np.array_equal(t1[k], t2[k]), k
 
 
+def _record_computed(monkeypatch, sweep):
+    """The ids of the descent configurations the sweep computes from now on (a spy on its
+    group runner)."""
+    computed = []
+    real = sweep._run_descent_group
+
+    def spy(g, configs, ids, mesh, progress, size=None):
+        computed.extend(ids)
+        return real(g, configs, ids, mesh, progress, size)
+
+    monkeypatch.setattr(sweep, "_run_descent_group", spy)
+    return computed
+
+
 def test_vmapped_sweep_reproduces_descent_for_each_step_size_policy_and_seed():
     # the loss-based scheduler (retries, traced alpha0, r_u, r_d) on two seeds; the constant
     # policy is compared in the sharding test, and through it the same engine step
@@ -138,14 +152,7 @@ def test_interrupted_sweep_resumes_computing_only_missing_configurations(tmp_pat
     finished = sorted(int(p.stem) for p in (out / "configs").glob("*.npz"))
     assert finished == [0, 1, 2, 3]
 
-    computed = []
-    real = sweep._run_descent_group
-
-    def spy(g, configs, ids, mesh, progress, size=None):
-        computed.extend(ids)
-        return real(g, configs, ids, mesh, progress, size)
-
-    monkeypatch.setattr(sweep, "_run_descent_group", spy)
+    computed = _record_computed(monkeypatch, sweep)
     resumed = sweep.sweep(grid, out=out, progress=False, max_batch=3)
     assert sorted(computed) == sorted(set(range(8)) - set(finished))
     assert resumed.meta["reused"] == finished
@@ -257,14 +264,7 @@ def test_resume_recomputes_damaged_files_and_files_of_another_configuration(tmp_
     (files / "000001.npz").write_bytes((files / "000000.npz").read_bytes())
     blob = (files / "000002.npz").read_bytes()
     (files / "000002.npz").write_bytes(blob[: len(blob) // 3])
-    computed = []
-    real = sweep._run_descent_group
-
-    def spy(g, configs, ids, mesh, progress, size=None):
-        computed.extend(ids)
-        return real(g, configs, ids, mesh, progress, size)
-
-    monkeypatch.setattr(sweep, "_run_descent_group", spy)
+    computed = _record_computed(monkeypatch, sweep)
     with pytest.warns(UserWarning) as record:
         again = sweep.sweep(GRID, out=out, progress=False, max_batch=3)
     text = " ".join(str(w.message) for w in record)
