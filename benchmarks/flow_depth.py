@@ -17,6 +17,7 @@ the velocity followed and of autodiff's element at the decade's end), and
 saved point, Lemma C.9 on every window between saved points, finite values).
 
     python benchmarks/flow_depth.py [--budget 120] [--which mlp cnn] [--no-sliding]
+        [--rtol 1e-6 --atol 1e-9] [--polar-tol 1e-6]
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def decades(traj) -> list[dict]:
     return out
 
 
-def run(name, problem, params0, log_t_max, budget, sliding) -> dict:
+def run(name, problem, params0, log_t_max, budget, sliding, tol=None) -> dict:
+    tol = tol or {}
     traj = flow(problem, params0, log_t_max=log_t_max, max_wall_s=budget, n_saves=200,
-                progress=False, snapshots=False, kkt=False, sliding=sliding)
+                progress=False, snapshots=False, kkt=False, sliding=sliding, **tol)
     c, m = traj.columns, traj.meta
     res = {"problem": name, "status": traj.status, "log_t": float(c["log_T"][-1]),
            "phase1": m.get("phase1"), "phase2": m.get("phase2"),
@@ -110,15 +112,22 @@ def main(argv=None) -> int:
     ap.add_argument("--sliding", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--mlp-log-t", type=float, default=1e6)
     ap.add_argument("--cnn-log-t", type=float, default=1e3)
+    ap.add_argument("--rtol", type=float, default=1e-6, help="phase 1's rtol")
+    ap.add_argument("--atol", type=float, default=1e-9, help="phase 1's atol")
+    ap.add_argument("--polar-tol", type=float, default=1e-6,
+                    help="phase 2's rtol = atol on theta_hat")
     args = ap.parse_args(argv)
+    tol = dict(rtol=args.rtol, atol=args.atol, polar_rtol=args.polar_tol,
+               polar_atol=args.polar_tol)
+    print(f"tolerances: {tol}")
     out = {}
     if "mlp" in args.which:
         out["mlp"] = run("depth-3 ReLU MLP 10-50-50-1, N = 100", *mlp_problem(),
-                         args.mlp_log_t, args.budget, args.sliding)
+                         args.mlp_log_t, args.budget, args.sliding, tol)
     if "cnn" in args.which:
         out["cnn"] = run("paper-cnn --quick CNN (digits 0/1)", *cnn_problem(), args.cnn_log_t,
-                         args.budget, args.sliding)
-    write_report({"budget_s": args.budget, **out}, RESULTS / "flow_depth.json",
+                         args.budget, args.sliding, tol)
+    write_report({"budget_s": args.budget, "tolerances": tol, **out}, RESULTS / "flow_depth.json",
                  "flow_depth.py", list(sys.argv[1:] if argv is None else argv))
     return 0
 

@@ -170,7 +170,7 @@ def _ros2_step(problem: Problem, unravel, st: PolarState, cfg: PolarConfig) -> P
     h_land = h
     if sl0 is not None:
         mask, sl, x_new, jump, h_land = _settle(problem, unravel, cap, x, x_new, tau, h,
-                                                pt.G, scale)
+                                                pt.G, pt.w, scale)
     err = jnp.maximum(err, jump)
     new_pt = _field(problem, unravel, x_new, tau + h, sl)
     # the trapezoid rule for int |F|^2 uses the field of the step's own sliding set at both
