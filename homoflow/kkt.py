@@ -1067,8 +1067,8 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
     eps, decade against decade; without a polished point, the path of theta^).
     ``local_optimality`` (with ``local=True`` and a polished point) says whether the
     polished point is a local maximum of the margin. The polish takes at most
-    ``polish_max_iter`` SQP steps (on the default problem ~0.8 s each: kinked models climb
-    piece by piece)."""
+    ``polish_max_iter`` pattern programs (one-hidden-layer ReLU nets; the default problem
+    needs 7, ~0.4 s each) or SQP steps (other models)."""
     cols = trajectory.columns
     after = np.nonzero(cols["separated"].astype(bool) & np.isfinite(cols["log_T"])
                        & (cols["log_T"] > 0))[0]
