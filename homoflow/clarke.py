@@ -193,7 +193,7 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
         """Impose the identified bounds as equalities; solve the reduced least squares."""
         upper = upper & ~lower & mask
         inter = mask & ~lower & ~upper
-        EU = jnp.transpose(onehot * (cm * upper)[:, :, None], (2, 0, 1))      # (m, W, T)
+        EU = jnp.transpose(onehot * jnp.where(upper, cm, 0.0)[:, :, None], (2, 0, 1))  # (m, W, T)
         QmmEU = jnp.einsum("jts,ljs->jtl", Qmm, EU)
         Rll = (Qll + jnp.einsum("kjt,ljt->kl", Qlm, EU) + jnp.einsum("kjt,ljt->lk", Qlm, EU)
                + jnp.einsum("kjt,jtl->kl", EU, QmmEU))
@@ -218,7 +218,7 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
             dl, dm = solve(rl - gl, rm - gm)
             xl, xm = xl + dl, xm + dm
         lam_r = jnp.where(fl, xl, 0.0)
-        return project(lam_r, jnp.where(fm, xm, 0.0) + cm * upper * lam_r[owner])
+        return project(lam_r, jnp.where(fm, xm, 0.0) + jnp.where(upper, cm, 0.0) * lam_r[owner])
 
     # active-set refinement from three identifications of the active bounds: slack below
     # its dual (strict complementarity), and primal values within 1e-7 / 1e-10 of a bound
