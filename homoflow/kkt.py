@@ -669,8 +669,9 @@ class Polished(NamedTuple):
     n_active: int             # constraints with multiplier > 1e-8 max
     success: bool
     message: str
-    n_kinks: int = 0          # kink sites the polished point sits on (|z| <= 1e-12 scale)
-    selection: np.ndarray | None = None  # sigma at the kinks under a side constraint
+    n_kinks: int = 0          # kink sites the polished point sits on (|z| <= 1e-12 scale;
+    #                           pattern polish: the face's kinks of active points, live units)
+    selection: np.ndarray | None = None  # sigma at those kinks (the Clarke selection)
 
 
 def _at_unit_margin(problem: Problem, params, caller: str):
@@ -951,9 +952,13 @@ def _polish_on_pieces(problem: Problem, x, unravel, max_rounds: int, tol: float)
     side (the point, on that boundary, stays feasible, so gamma_bar never falls) and the
     program is solved again; at a pattern with no such site the optimum is a Clarke-KKT
     point of (P) to the solver's accuracy. Newton's method on the square KKT system of
-    its face (active constraints A, kink sites K of A's points on the units in use)
-    then takes it to round-off; its solution is kept only if lambda >= 0, sigma in
-    [lo, hi], every other site keeps its side and gamma_bar does not fall."""
+    its face then takes it to round-off. The face is read off the program's solution,
+    where the interior-point method leaves clear gaps (default problem: 1e-2 against 1e-9
+    and below): units with ||v_j|| > 1e-6 max, constraints A with lambda > 1e-6 max, and
+    kink sites K of A's points on those units with |z| <= 1e-6 ||x_n|| ||v_j||. Newton's
+    solution is kept only if it converged (|F| <= 1e-10), lambda >= 0, sigma in [lo, hi],
+    every other site keeps its side and gamma_bar does not fall: a wrong face fails one of
+    these, and the program's point is returned instead, with a message saying so."""
     kinks = problem.model.kinks
     lo, hi = float(kinks.lo), float(kinks.hi)
     X = np.asarray(problem.X, np.float64).reshape(problem.n, -1)
