@@ -91,7 +91,7 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
     Mehrotra's predictor-corrector interior-point method, each Newton system solved by a
     Schur complement onto lambda (W Cholesky factors of T x T, one of m x m), then an
     active-set refinement: the bounds the IPM finds active (slack < dual, or primal within
-    1e-7 / 1e-10 of the bound) are imposed as equalities and the reduced least squares is
+    1e-4 / 1e-7 / 1e-10 of the bound) are imposed as equalities and the reduced least squares is
     solved exactly (four proximal-point steps from the IPM point, ridge 1e-9); of the IPM point
     and the refined points, all projected onto the feasible set, the one of smallest
     ``rank(lam, mu)`` is returned (default: the objective from Q; pass the residual computed
@@ -221,12 +221,14 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
         return project(lam_r, jnp.where(fm, xm, 0.0) + jnp.where(upper, cm, 0.0) * lam_r[owner])
 
     # active-set refinement from three identifications of the active bounds: slack below
-    # its dual (strict complementarity), and primal values within 1e-7 / 1e-10 of a bound
-    # (weakly active bounds defeat the first); the best projected candidate is returned
+    # its dual (strict complementarity), and primal values within 1e-4 / 1e-7 / 1e-10 of a
+    # bound (weakly active bounds defeat the first; at an exact KKT point the IPM's point can
+    # be 1e-5 off a bound: a polished point had eps 5e-7 without 1e-4, 4e-15 with it, cvxpy
+    # 5e-15); the best projected candidate is returned
     big = jnp.maximum(jnp.max(lam), jnp.finfo(dt).tiny)
     rules = [(s[0] > z[0], s[1] <= z[1], s[2] <= z[2])] + [
         (lam > tau * big, mu <= tau * big, mu >= cm * lam[owner] - tau * big)
-        for tau in (1e-7, 1e-10)]
+        for tau in (1e-4, 1e-7, 1e-10)]
     ref_l, ref_m = jax.vmap(refine)(*(jnp.stack(r) for r in zip(*rules)))
     ipm_l, ipm_m = project(lam, mu)
     cand_l = jnp.concatenate([ipm_l[None], ref_l])
