@@ -91,7 +91,7 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
     Mehrotra's predictor-corrector interior-point method, each Newton system solved by a
     Schur complement onto lambda (W Cholesky factors of T x T, one of m x m), then an
     active-set refinement: the bounds the IPM finds active (slack < dual, or primal within
-    1e-7 / 1e-10 of the bound) are imposed as equalities and the reduced least squares is
+    1e-4 / 1e-7 / 1e-10 of the bound) are imposed as equalities and the reduced least squares is
     solved exactly (four proximal-point steps from the IPM point, ridge 1e-9); of the IPM point
     and the refined points, all projected onto the feasible set, the one of smallest
     ``rank(lam, mu)`` is returned (default: the objective from Q; pass the residual computed
@@ -193,7 +193,7 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
         """Impose the identified bounds as equalities; solve the reduced least squares."""
         upper = upper & ~lower & mask
         inter = mask & ~lower & ~upper
-        EU = jnp.transpose(onehot * (cm * upper)[:, :, None], (2, 0, 1))      # (m, W, T)
+        EU = jnp.transpose(onehot * jnp.where(upper, cm, 0.0)[:, :, None], (2, 0, 1))  # (m, W, T)
         QmmEU = jnp.einsum("jts,ljs->jtl", Qmm, EU)
         Rll = (Qll + jnp.einsum("kjt,ljt->kl", Qlm, EU) + jnp.einsum("kjt,ljt->lk", Qlm, EU)
                + jnp.einsum("kjt,jtl->kl", EU, QmmEU))
@@ -218,15 +218,17 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
             dl, dm = solve(rl - gl, rm - gm)
             xl, xm = xl + dl, xm + dm
         lam_r = jnp.where(fl, xl, 0.0)
-        return project(lam_r, jnp.where(fm, xm, 0.0) + cm * upper * lam_r[owner])
+        return project(lam_r, jnp.where(fm, xm, 0.0) + jnp.where(upper, cm, 0.0) * lam_r[owner])
 
     # active-set refinement from three identifications of the active bounds: slack below
-    # its dual (strict complementarity), and primal values within 1e-7 / 1e-10 of a bound
-    # (weakly active bounds defeat the first); the best projected candidate is returned
+    # its dual (strict complementarity), and primal values within 1e-4 / 1e-7 / 1e-10 of a
+    # bound (weakly active bounds defeat the first; at an exact KKT point the IPM's point can
+    # be 1e-5 off a bound: a polished point had eps 5e-7 without 1e-4, 4e-15 with it, cvxpy
+    # 5e-15); the best projected candidate is returned
     big = jnp.maximum(jnp.max(lam), jnp.finfo(dt).tiny)
     rules = [(s[0] > z[0], s[1] <= z[1], s[2] <= z[2])] + [
         (lam > tau * big, mu <= tau * big, mu >= cm * lam[owner] - tau * big)
-        for tau in (1e-7, 1e-10)]
+        for tau in (1e-4, 1e-7, 1e-10)]
     ref_l, ref_m = jax.vmap(refine)(*(jnp.stack(r) for r in zip(*rules)))
     ipm_l, ipm_m = project(lam, mu)
     cand_l = jnp.concatenate([ipm_l[None], ref_l])
@@ -253,7 +255,14 @@ def kink_scales(problem, params):
     """Per kinked layer: (z, scale, input_norm), each shaped like the pre-activations on X.
     For an MLP scale = ||h_n|| ||w_u|| (the layer's input at data point n times unit u's
     weight column: |z| <= scale by Cauchy-Schwarz) and input_norm = ||h_n||; otherwise
-    (CNN) scale = the largest |z| of the layer at data point n and input_norm = NaN."""
+    (CNN) scale = the largest |z| of the layer at data point n and input_norm = NaN.
+
+    An MLP unit whose outgoing weights are all 0 (a dead unit, a_j = 0) gets scale NaN,
+    so none of its sites counts as active: q_n does not depend on its activation, and at
+    z = 0 it is differentiable there (a act(z) = O(|a| |z|)), so the site is no kink and
+    its generators e x_n would be exact zeros, which only degrade the QP's accuracy
+    (a polished point with 24 dead units: eps 2.5e-6 with their 960 sites, 1e-12
+    without)."""
     kinks = problem.model.kinks
     zs = kinks.pre(params, problem.X)
     if not is_mlp(problem.model):
@@ -262,9 +271,11 @@ def kink_scales(problem, params):
             for z in zs)
     h = problem.X.reshape(problem.X.shape[0], -1)
     out = []
-    for W, z in zip(params[:-1], zs):
+    for W, after, z in zip(params[:-1], params[1:], zs):
         hn = jnp.linalg.norm(h, axis=1)[:, None]
-        out.append((z, hn * jnp.linalg.norm(W, axis=0)[None, :], hn * jnp.ones_like(z)))
+        scale = hn * jnp.linalg.norm(W, axis=0)[None, :]
+        scale = jnp.where(jnp.all(after == 0, axis=1)[None, :], jnp.nan, scale)
+        out.append((z, scale, hn * jnp.ones_like(z)))
         h = jnp.maximum(z, kinks.lo * z)  # (leaky) ReLU: slope lo below 0, 1 above (lo < 1)
     return tuple(out)
 

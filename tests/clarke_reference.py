@@ -43,8 +43,9 @@ def clarke_eps_reference(problem, params, kink_tol=1e-9):
     s = q_min ** -0.5
     W1, A, Z, c = s * W1, s * A, s * Z, c / q_min
     theta = np.concatenate([W1.ravel(), A.ravel()])
-    active = np.abs(Z) <= kink_tol * np.linalg.norm(X, axis=1)[:, None] \
-        * np.linalg.norm(W1, axis=0)[None, :]
+    # a unit without outgoing weights (A_j = 0) has no kink: q does not depend on it
+    active = (np.abs(Z) <= kink_tol * np.linalg.norm(X, axis=1)[:, None]
+              * np.linalg.norm(W1, axis=0)[None, :]) & np.any(A != 0, axis=1)[None, :]
     slope = np.where(active, lo, np.where(Z > 0, hi, lo))               # (N, W)
     cols_l, cols_m, owner = [], [], []
     for k, (n, j) in enumerate(rows):

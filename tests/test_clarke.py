@@ -223,3 +223,19 @@ def test_min_norm_clarke_element_equals_a_bounded_least_squares_solve():
                                       tol=1e-15).x
         np.testing.assert_allclose(el, b0 + A @ u, atol=1e-12)
         assert np.linalg.norm(el) <= np.linalg.norm(b0) * (1 + 1e-15)
+
+
+@pytest.mark.parametrize("which", ["relu", pytest.param("leaky0.1", marks=pytest.mark.slow),
+                                   pytest.param("depth3", marks=pytest.mark.slow)])
+def test_clarke_residual_runs_under_strict_dtype_promotion_with_the_same_result(which):
+    """Every array op of the Clarke residual (the exact QP with its active-set refinement,
+    the deep bracket) has an explicit dtype: under jax.numpy_dtype_promotion("strict") it
+    traces and returns what the standard mode returns, bit for bit."""
+    prob, theta = (_depth3_kink_point("relu") if which == "depth3"
+                   else _two_layer_kink_point(which)[:2])
+    standard = residual(prob, theta, kink_tol=1e-9)      # compiled by the tests above
+    with jax.numpy_dtype_promotion("strict"):
+        strict = kkt.kkt_residual(prob, theta, kink_tol=1e-9)
+    assert int(strict.n_kinks) == 2
+    for a, b in zip(strict, standard):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -204,18 +204,40 @@ def test_deep_linear_end_to_end_predictor_is_the_product_of_layers():
 def test_relu_default_problem_kkt_residuals_shrink_and_polishing_never_loses_margin(
         default_problem):
     prob, p0 = default_problem
-    traj = descent(prob, p0, schedules.loss_based(), 5000, n_records=40, progress=False)
+    traj = descent(prob, p0, schedules.loss_based(), 2000, n_records=20, progress=False)
     after = np.nonzero(traj["separated"].astype(bool))[0]
     eps, delta = traj["kkt_eps"][after], traj["kkt_delta"][after]
     assert np.all(np.isfinite(eps)) and eps[-1] < 0.25 * eps[0] and delta[-1] < 0.5 * delta[0]
-    report = convergence_report(prob, traj, polish_max_iter=10)  # from the best late point
+    report = convergence_report(prob, traj)  # polished from the best late point
     pol = report["polished"]
     assert np.min(np.asarray(prob.margins(pol.params))) == pytest.approx(1.0, rel=1e-12)
-    # the polish is monotone (it accepts only margin gains), so this checks its line search
-    # and that the start really was the best late direction
-    assert pol.normalized_margin >= np.nanmax(traj["normalized_margin"]) - 1e-9
-    assert np.all(report["rows"]["margin_gap"] >= -1e-9) and np.isfinite(pol.eps)
-    assert "polished KKT point" in format_report(report)
+    # the polish is monotone (it starts from that direction's own activation pattern), so
+    # this checks that the start really was the best late direction
+    assert pol.normalized_margin >= np.nanmax(traj["normalized_margin"])
+    assert np.all(report["rows"]["margin_gap"] >= 0) and pol.eps <= 1e-8
+    assert "polished KKT point" in format_report(report) and "Clarke eps" in format_report(report)
+
+
+@pytest.mark.slow
+def test_default_run_polishes_to_a_clarke_kkt_point_above_every_margin_of_the_run(
+        default_problem):
+    """Issue 13's bar on the default problem, as ``homoflow run`` does it (10^4 loss-based
+    steps, then ``convergence_report``'s polish from the best late point): Clarke eps
+    <= 1e-8 by homoflow's QP and by the independent cvxpy program, gamma_bar >= every
+    gamma_bar of the run. Measured: eps 6.0e-15 (cvxpy 1.3e-14; autodiff's 1.16 at the
+    same point), gamma_bar 0.0795639 against the run's 0.0765888; 7 pattern programs,
+    38 active constraints, 106 kinks, 21 units, Newton 3 steps."""
+    from clarke_reference import clarke_eps_reference
+
+    prob, p0 = default_problem
+    traj = descent(prob, p0, schedules.loss_based(), 10_000, n_records=40, progress=False,
+                   kkt=False)
+    pol = convergence_report(prob, traj, local=False)["polished"]
+    assert pol.success, pol.message
+    assert pol.normalized_margin >= np.nanmax(traj["normalized_margin"])
+    assert pol.eps <= 1e-8 and abs(pol.delta) <= 1e-8
+    eps_ref, delta_ref, _ = clarke_eps_reference(prob, pol.params)
+    assert eps_ref <= 1e-8 and abs(delta_ref) <= 1e-8
 
 
 def test_tangent_kernel_svm_direction_matches_the_late_flow_direction_of_a_smooth_model():
@@ -346,3 +368,34 @@ def test_the_linear_svm_is_a_second_order_local_maximum_and_a_non_kkt_point_is_n
     assert local_optimality(prob, (jnp.asarray(w[:, None] + 0.1),)).verdict == "inconclusive"
     with pytest.raises(ValueError, match="q_min > 0"):
         local_optimality(prob, (-jnp.asarray(w[:, None]),))
+
+
+@pytest.mark.parametrize("act", ["relu", pytest.param(models.leaky_relu(0.1),
+                                                       marks=pytest.mark.slow)],
+                         ids=["relu", "leaky0.1"])
+def test_polish_reaches_a_clarke_kkt_point_above_every_margin_of_a_small_relu_run(act):
+    """Issue 13's "polished point" bar on a small net of the default problem's structure
+    (bias-free two-layer (leaky) ReLU, exponential loss, loss-based descent): from the best
+    late direction the polish (pattern programs, then Newton on the face) ends at a point
+    whose Clarke eps is <= 1e-8 by homoflow's QP *and* by the independent cvxpy program
+    (Newton's face residual is ~1e-14; the bar is the issue's, above cvxpy's accuracy), on
+    kinks (autodiff's selection there is far from KKT), with gamma_bar at least every
+    gamma_bar of the run (the pattern program starts from that direction's own pattern)."""
+    from clarke_reference import clarke_eps_reference
+
+    X, y = data.linearly_separable(40, 5, 3)
+    model = models.mlp((5, 30, 1), activation=act)
+    prob = make_problem(model, losses.exponential(), X, y)
+    traj = descent(prob, model.init(jax.random.PRNGKey(1)), schedules.loss_based(), 300,
+                   n_records=10, progress=False, kkt=False)
+    gamma = traj["normalized_margin"]
+    best = int(np.nanargmax(gamma))
+    pol = polish_kkt(prob, jax.tree_util.tree_map(lambda a: jnp.asarray(a[best]),
+                                                  traj.snapshots))
+    assert pol.success and pol.message.startswith("converged"), pol.message
+    assert np.min(np.asarray(constraints(prob, pol.params))) == pytest.approx(1.0, rel=1e-12)
+    assert pol.normalized_margin >= np.nanmax(gamma)
+    assert pol.eps <= 1e-8 and abs(pol.delta) <= 1e-8 and pol.n_kinks > 0
+    eps_ref, delta_ref, _ = clarke_eps_reference(prob, pol.params)
+    assert eps_ref <= 1e-8 and abs(delta_ref) <= 1e-8
+    assert float(kkt_residual(prob, pol.params, selection="autodiff").eps) >= 0.1
