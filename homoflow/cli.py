@@ -158,7 +158,7 @@ def _run_in(args, config, out, previous, stop) -> int:
     X, y = configs.load_data(config)
     model = configs.build_model(config)
     problem = make_problem(model, losses.get_loss(config["loss"]), X, y)
-    params0 = model.init(jax.random.PRNGKey(config["seed"]))
+    params0 = model.init(jax.random.PRNGKey(config["seed"]), scale=config["init_scale"])
     constants = None
     if config["policy"] == "h_bound" and config["c_eta"] == "estimate":
         from .schedules import estimate_smoothness_constants
