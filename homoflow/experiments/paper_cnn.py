@@ -691,8 +691,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        hio.write_figure(fig, out / name, dpi=120)
-        plt.close(fig)
+        hio.write_figure(fig, out / name, dpi=120)   # and closes it
         paths.append(out / name)
 
     # Figure 1: training loss and normalized margin, constant step (top) and loss-based
