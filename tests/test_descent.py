@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import homoflow
-from homoflow import data, losses, models, schedules
+from homoflow import configs, data, losses, models, schedules
 from homoflow.problem import make_problem
 
 D = importlib.import_module("homoflow.descent")   # the module (homoflow.descent is the function)
@@ -328,6 +328,20 @@ def test_public_steps_under_strict_promotion_and_disable_jit_match_the_engine(po
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     assert float(s.log_T) == pytest.approx(traj["log_T"][-1], rel=1e-12)
     assert all(x.dtype != jnp.float32 for x in jax.tree_util.tree_leaves(s))
+
+
+@pytest.mark.filterwarnings("ignore:the loss never fell")  # 3 iterations, before t0
+def test_optax_adam_runs_under_strict_promotion_in_float64():
+    """optax's Adam mixes float64 and its int32 step count; descent scopes standard
+    promotion to the optimizer's own call, so a strict session can use it."""
+    prob, params0 = _tiny()
+    policy = configs.build_policy(configs.resolve({"policy": "adam", "lr": 0.01}))
+    with jax.numpy_dtype_promotion("strict"):
+        traj = homoflow.descent(prob, params0, policy, 3, progress=False, kkt=False,
+                                n_records=2)
+    assert int(traj["step"][-1]) == 3   # (3 steps do not separate: status not_separated)
+    assert all(x.dtype == jnp.float64 for x in jax.tree_util.tree_leaves(traj.snapshots))
+    assert np.all(np.isfinite(traj["log_loss"])) and traj["log_loss"][-1] < traj["log_loss"][0]
 
 
 @pytest.mark.filterwarnings("ignore:the loss never fell")  # a few iterations, before t0
