@@ -24,8 +24,9 @@ def _no_compile_cache(monkeypatch):
 
 def test_run_writes_the_run_directory_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
+    # (the KKT report, ~half of this run's time, is checked on the flow run below)
     code = main(["run", "--steps", "300", "--width", "20", "--init-scale", "0.5", "--out",
-                 str(out), "--no-progress"])
+                 str(out), "--no-progress", "--no-kkt-report"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "normalized margin gamma_bar" in printed and str(out) in printed
@@ -72,10 +73,13 @@ def test_run_with_the_flow_engine_writes_the_same_run_directory(tmp_path, capsys
     code = main(["run", "--engine", "flow", "--model", "linear", "--log-t-max", "20",
                  "--out", str(out), "--no-progress"])
     assert code == 0
-    assert "gradient flow to log t = 20" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gradient flow to log t = 20" in printed
     traj = Trajectory.load(out)
     assert traj.meta["engine"] == "flow" and traj["log_T"][-1] >= 20
-    for name in ("trajectory.csv", "summary.png"):
+    # the run's KKT report (kkt.convergence_report) is printed and written
+    assert "convergence to a KKT point of (P)" in printed
+    for name in ("trajectory.csv", "summary.png", "convergence.md", "convergence.png"):
         assert (out / name).stat().st_size > 0, name
 
 
