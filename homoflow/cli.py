@@ -158,7 +158,7 @@ def _run_in(args, config, out, previous, stop) -> int:
     X, y = configs.load_data(config)
     model = configs.build_model(config)
     problem = make_problem(model, losses.get_loss(config["loss"]), X, y)
-    params0 = model.init(jax.random.PRNGKey(config["seed"]))
+    params0 = model.init(jax.random.PRNGKey(config["seed"]), scale=config["init_scale"])
     constants = None
     if config["policy"] == "h_bound" and config["c_eta"] == "estimate":
         from .schedules import estimate_smoothness_constants
@@ -456,6 +456,9 @@ def _add_experiment_parser(sub):
                     help="output directory (default: a fresh directory under runs/)")
     ex.add_argument("--overwrite", action="store_true",
                     help="replace the experiment in --out (its files are deleted first)")
+    ex.add_argument("--resume", action="store_true",
+                    help="--out holds this experiment, interrupted (Ctrl-C: exit 130, every "
+                         "record saved): continue each run from its last saved segment")
     ex.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     ex.add_argument("--no-compile-cache", action="store_true",
                     help="do not use JAX's persistent compilation cache")
@@ -471,8 +474,10 @@ def _experiment(args, parser) -> int:
         if v is not None and v < (0 if name in ("attack_points", "seed") else 1):
             _fail(parser, f"--{name.replace('_', '-')} must be >= "
                           f"{0 if name in ('attack_points', 'seed') else 1}, got {v}")
+    if args.resume and not args.out:
+        _fail(parser, "--resume needs the --out of the interrupted experiment")
     out = io.prepare_out(args.out or _default_out("paper-cnn"), overwrite=args.overwrite,
-                         what="experiment")
+                         resume=args.resume, what="experiment")
     _setup_jax(args.no_compile_cache)
     from .experiments import paper_cnn
 
@@ -486,16 +491,16 @@ def _experiment(args, parser) -> int:
     if args.attack_points is not None:
         changes["attack_points"] = args.attack_points or None
     config = dataclasses.replace(config, **changes)
-    # the experiment writes its files at the end: a signal stops it at once (exit 130),
-    # with what is already in --out kept
-    with io.Interrupt("stopping now; the experiment writes its tables at its end, so "
-                      "its runs are not saved", immediate=True) as stop:
-        try:
-            result = paper_cnn.run(config, out, progress=not args.no_progress)
-        except KeyboardInterrupt:
-            print(f"homoflow experiment: interrupted by {stop.name or 'SIGINT'}; {out} keeps "
-                  f"only what was written before", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    # a signal stops the runs after the epoch in progress (or before the next checkpoint's
+    # attacks) and writes every record with status "interrupted"
+    with io.Interrupt() as stop:
+        result = paper_cnn.run(config, out, progress=not args.no_progress,
+                               log=lambda line: print(line, flush=True), stop=stop)
+    if result["status"] == "interrupted":
+        print(f"homoflow experiment: interrupted by {stop.name}; {result['message']}; every "
+              f"record is in {out}; continue with the same options and --out {out} --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print((out / "table1.md").read_text())
     print("checks:", result["checks"])
     return 0

@@ -74,6 +74,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _O("classes", int, 3, "classes of gaussian_classes", check=">=2"),
     _O("data_seed", int, 0, "seed of the data", check="nonnegative"),
     _O("seed", int, 0, "seed of the initialization", check="nonnegative"),
+    _O("init_scale", float, 1.0, "multiply every initial parameter by this (the outputs "
+       "scale by its L-th power): small- or large-initialization experiments",
+       check="positive"),
     _O("policy", str, "loss_based",
        "step sizes: loss_based (eta = alpha/L, Appendix K.1), constant (--lr), h_bound "
        "(eta = H(L), Appendix E.1, needs --c-eta), normalized (eta = alpha0/L fixed); "
@@ -115,7 +118,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 )}
 # the keys of a sweep's grid (the others are not vmapped or have no batched engine)
 SWEEP_KEYS = ("engine", "model", "activation", "slope", "alpha_power", "depth", "width", "loss",
-              "data", "data_file", "n", "dim", "classes", "data_seed", "seed", "policy", "step",
+              "data", "data_file", "n", "dim", "classes", "data_seed", "seed", "init_scale",
+              "policy", "step",
               "p", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction", "max_retries", "steps",
               "n_records", "chunk", "divergence_factor", "t0_log_loss", "log_t_max", "n_saves",
               "h_max", "max_steps")

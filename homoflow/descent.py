@@ -127,7 +127,11 @@ def _propose(problem, policy: Policy, batch_size, s: DescentState, key):
         log_loss, g = jax.value_and_grad(problem.log_loss)(s.params)
         if policy.objective == "loss":
             g = jax.tree_util.tree_map(lambda x: jnp.exp(log_loss) * x, g)
-        updates, opt_state = policy.optimizer.update(g, s.opt_state, s.params)
+        # optax's own arithmetic mixes dtypes (Adam's bias correction forms decay ** count
+        # with an int32 count), which strict promotion refuses: standard promotion for the
+        # optimizer's call only; homoflow's own arithmetic stays strict-clean
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = policy.optimizer.update(g, s.opt_state, s.params)
         return (jax.tree_util.tree_map(jnp.add, s.params, updates), optax_log_lr(s.opt_state),
                 1, opt_state, s.policy_state)
     pstate = s.policy_state

@@ -116,9 +116,16 @@ def write_csv(path, names: list[str], columns: list) -> Path:
     return write_text(path, "\n".join(lines) + "\n")
 
 
-def write_figure(fig, path, dpi: float | None = None) -> Path:
-    """A matplotlib figure as PNG (atomically)."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi or fig.dpi))
+def write_figure(fig, path, dpi: float | None = None, close: bool = True) -> Path:
+    """A matplotlib figure as PNG (atomically), then closed (``close``): pyplot keeps every
+    open figure, so a sweep or a long session that saves many would grow without bound."""
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi or fig.dpi))
+    finally:
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
 
 
 def config_hash(config) -> str:

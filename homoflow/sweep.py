@@ -67,7 +67,7 @@ from .trajectory import package_versions
 # every key a grid may hold, with its default: the configuration schema's sweep defaults
 # (homoflow.configs: names, choices and checks shared with ``homoflow run``)
 DEFAULTS: dict[str, Any] = configs_mod.defaults(sweep=True)
-VMAPPED = ("seed", "data_seed", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction", "p")
+VMAPPED = ("seed", "data_seed", "init_scale", "lr", "alpha0", "r_u", "r_d", "c_eta", "fraction", "p")
 POLICY_KEYS = configs_mod.POLICY_KEYS
 STEEPEST = configs_mod.STEEPEST
 _policy_keys = configs_mod.policy_keys
@@ -113,7 +113,7 @@ def expand(grid: dict) -> list[dict]:
 
 def _check_policy_axes(c: dict, swept: set):
     used = set(_policy_keys(c)) if c["engine"] == "descent" else set()
-    unused = sorted((swept & set(VMAPPED[2:])) - used)
+    unused = sorted((swept & set(VMAPPED[3:])) - used)   # the policies' keys
     if unused:
         what = f"policy {c['policy']!r}" if c["engine"] == "descent" else "the flow engine"
         raise ValueError(f"grid axes {unused} are swept but {what} does not use them")
@@ -362,8 +362,9 @@ def _run_descent_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mes
     order = g.model.order
     init, advance, diag = _descent_programs(g, policies[0], log_t0, mesh)
     keys = [jax.random.PRNGKey(int(c["seed"])) for c in cs]
-    params0 = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), g.model.init(k))
-               for k in keys]
+    params0 = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
+                                      g.model.init(k, scale=float(c["init_scale"])))
+               for k, c in zip(keys, cs)]
     prob_b = _put(_stack([(p.X, p.y) for p in problems]), mesh)
     prob_b = Problem(prob_b[0], prob_b[1], g.model, problems[0].loss)
     host = (_stack(params0), _stack([p.init() for p in policies]), _stack(keys))
@@ -436,8 +437,8 @@ def _run_flow_group(g: _Group, configs: list[dict], ids: list[int], mesh: Mesh,
         by_data.setdefault(int(configs[i]["data_seed"]), []).append(i)
     for ds, batch in by_data.items():
         problem = g.problems[ds]
-        params0 = _stack([g.model.init(jax.random.PRNGKey(int(configs[i]["seed"])))
-                          for i in batch])
+        params0 = _stack([g.model.init(jax.random.PRNGKey(int(configs[i]["seed"])),
+                                       scale=float(configs[i]["init_scale"])) for i in batch])
         start = time.perf_counter()
         trajs = flow_batch(problem, params0, log_t_max=float(st["log_t_max"]),
                            n_saves=int(st["n_saves"]), h_max=float(st["h_max"]),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,7 +24,9 @@ def _no_compile_cache(monkeypatch):
 
 def test_run_writes_the_run_directory_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "--steps", "300", "--width", "20", "--out", str(out), "--no-progress"])
+    # (the KKT report, ~half of this run's time, is checked on the flow run below)
+    code = main(["run", "--steps", "300", "--width", "20", "--init-scale", "0.5", "--out",
+                 str(out), "--no-progress", "--no-kkt-report"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "normalized margin gamma_bar" in printed and str(out) in printed
@@ -34,6 +37,12 @@ def test_run_writes_the_run_directory_and_plots(tmp_path, capsys):
     traj = Trajectory.load(out)
     assert summary["steps"] == 300 == int(traj["step"][-1])
     assert traj.meta["config"]["width"] == 20 and traj.meta["seed"] == 0
+    # --init-scale: the recorded starting point is 0.5 x the default initialization
+    assert traj.meta["config"]["init_scale"] == 0.5 and traj["step"][0] == 0
+    default = configs.build_model(traj.meta["config"]).init(jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree_util.tree_leaves(traj.snapshots),
+                    jax.tree_util.tree_leaves(default)):
+        np.testing.assert_array_equal(a[0], 0.5 * np.asarray(b))   # exact: a power of 2
 
 
 def test_a_diverging_run_still_writes_everything_and_exits_nonzero(tmp_path, capsys):
@@ -64,10 +73,13 @@ def test_run_with_the_flow_engine_writes_the_same_run_directory(tmp_path, capsys
     code = main(["run", "--engine", "flow", "--model", "linear", "--log-t-max", "20",
                  "--out", str(out), "--no-progress"])
     assert code == 0
-    assert "gradient flow to log t = 20" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gradient flow to log t = 20" in printed
     traj = Trajectory.load(out)
     assert traj.meta["engine"] == "flow" and traj["log_T"][-1] >= 20
-    for name in ("trajectory.csv", "summary.png"):
+    # the run's KKT report (kkt.convergence_report) is printed and written
+    assert "convergence to a KKT point of (P)" in printed
+    for name in ("trajectory.csv", "summary.png", "convergence.md", "convergence.png"):
         assert (out / name).stat().st_size > 0, name
 
 
@@ -89,6 +101,9 @@ def no_setup(monkeypatch):
     (["--depth", "0"], r"depth must be >= 1, got '0' \(option --depth\)"),
     (["--model", "linear", "--depth", "5"], r"depth must be 1 for the linear model .*got 5"),
     (["--steps", "-5"], r"steps must be >= 1, got '-5'"),
+    (["--init-scale", "0"], r"init_scale must be a finite number > 0, got '0' "
+                            r"\(option --init-scale\)"),
+    (["--init-scale", "inf"], r"init_scale must be a finite number > 0, got 'inf'"),
     (["--lr", "nan"], r"lr must be a number, not NaN"),
     (["--policy", "h_bound"], r"c_eta must be given for --policy h_bound"),
     (["--loss", "cross_entropy"], r"loss needs several classes.*got 'cross_entropy'"),

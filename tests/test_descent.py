@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import homoflow
-from homoflow import data, losses, models, schedules
+from homoflow import configs, data, losses, models, schedules
 from homoflow.problem import make_problem
 
 D = importlib.import_module("homoflow.descent")   # the module (homoflow.descent is the function)
@@ -116,7 +116,8 @@ def test_descent_margin_never_decreases_at_the_h_bound_for_a_smooth_model():
     B = schedules.estimate_smoothness_constants(prob, jax.random.PRNGKey(1), n_directions=8)
     assert B["estimate"] is True
     policy = schedules.h_bound(constants=(B["B0"], B["B1"], B["B2"]), lr_before_t0=0.01)
-    traj = homoflow.descent(prob, params0, policy, 3000, progress=False, t0_log_loss=-2.0)
+    traj = homoflow.descent(prob, params0, policy, 3000, progress=False, t0_log_loss=-2.0,
+                            kkt=False)   # (the KKT columns: one NNLS per record, unused)
     g = traj["descent_margin"][np.isfinite(traj["descent_margin"])]
     assert len(g) > 20
     assert traj.count_decreases("descent_margin", rtol=1e-10) == 0
@@ -135,7 +136,8 @@ def test_smoothness_estimate_is_finite_where_some_margin_has_a_zero_hessian():
 
 def test_descent_margin_never_decreases_with_a_small_constant_step_for_a_smooth_model():
     prob, params0 = _smooth_problem()
-    traj = homoflow.descent(prob, params0, schedules.constant(0.01), 5000, progress=False)
+    traj = homoflow.descent(prob, params0, schedules.constant(0.01), 5000, progress=False,
+                            kkt=False)
     g = traj["descent_margin"][np.isfinite(traj["descent_margin"])]
     assert len(g) > 20 and g[-1] > 10 * g[0]
     assert traj.count_decreases("descent_margin", rtol=1e-10) == 0
@@ -146,7 +148,7 @@ def test_minibatch_sgd_runs_epochs_and_accumulates_T_per_update():
     model = models.mlp((5, 16, 1))
     prob = make_problem(model, losses.logistic(), X, y)
     traj = homoflow.descent(prob, model.init(jax.random.PRNGKey(0)), schedules.constant(0.05),
-                            30, batch_size=10, progress=False, n_records=5)
+                            30, batch_size=10, progress=False, n_records=5, kkt=False)
     assert traj["log_loss"][-1] < traj["log_loss"][0] - 1.0
     assert traj["log_T"][-1] == pytest.approx(math.log(30 * 4 * 0.05), rel=1e-12)
 
@@ -156,7 +158,7 @@ def test_optax_adam_decreases_the_loss_and_T_uses_the_injected_learning_rate(def
     prob, params0 = default_problem
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
     traj = homoflow.descent(prob, params0, schedules.optax_optimizer(opt), 200, progress=False,
-                            n_records=5)
+                            n_records=5, kkt=False)
     assert traj["log_loss"][-1] < traj["log_loss"][0] - 1.0
     assert traj["log_T"][-1] == pytest.approx(math.log(200 * 1e-3), rel=1e-9)
 
@@ -328,6 +330,20 @@ def test_public_steps_under_strict_promotion_and_disable_jit_match_the_engine(po
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     assert float(s.log_T) == pytest.approx(traj["log_T"][-1], rel=1e-12)
     assert all(x.dtype != jnp.float32 for x in jax.tree_util.tree_leaves(s))
+
+
+@pytest.mark.filterwarnings("ignore:the loss never fell")  # 3 iterations, before t0
+def test_optax_adam_runs_under_strict_promotion_in_float64():
+    """optax's Adam mixes float64 and its int32 step count; descent scopes standard
+    promotion to the optimizer's own call, so a strict session can use it."""
+    prob, params0 = _tiny()
+    policy = configs.build_policy(configs.resolve({"policy": "adam", "lr": 0.01}))
+    with jax.numpy_dtype_promotion("strict"):
+        traj = homoflow.descent(prob, params0, policy, 3, progress=False, kkt=False,
+                                n_records=2)
+    assert int(traj["step"][-1]) == 3   # (3 steps do not separate: status not_separated)
+    assert all(x.dtype == jnp.float64 for x in jax.tree_util.tree_leaves(traj.snapshots))
+    assert np.all(np.isfinite(traj["log_loss"])) and traj["log_loss"][-1] < traj["log_loss"][0]
 
 
 @pytest.mark.filterwarnings("ignore:the loss never fell")  # a few iterations, before t0

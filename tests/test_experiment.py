@@ -30,12 +30,57 @@ def _read_csv(path):
             for r in rows]
 
 
+STOP_AT = QUICK.segment + 10   # the epoch the quick run is interrupted after
+
+
+class _StopAfter:
+    """A stand-in for ``homoflow.io.Interrupt`` whose signal lands during epoch ``epoch``:
+    ``train`` polls it once before its first segment and once per recorded epoch (0, 1, ...)."""
+
+    def __init__(self, epoch):
+        self.left = epoch + 2
+
+    def __call__(self):
+        self.left -= 1
+        return self.left <= 0
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def interrupted_then_quick(tmp_path_factory):
+    """The quick experiment, interrupted after epoch STOP_AT of its first run (what the
+    interrupted directory holds is copied aside), then resumed to the end by the CLI."""
     out = tmp_path_factory.mktemp("paper_cnn")
+    part = paper_cnn.run(QUICK, out, progress=False, log=lambda _: None,
+                         stop=_StopAfter(STOP_AT))
+    saved = {"result": part, "summary": json.loads((out / "summary.json").read_text()),
+             "loaded": paper_cnn.load(out), "files": sorted(p.name for p in out.iterdir())}
     assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress",
-                 *QUICK_DATA]) == 0
-    return out
+                 *QUICK_DATA]) == 2   # a non-empty --out needs --resume
+    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress",
+                 "--resume", *QUICK_DATA]) == 0
+    return saved, out
+
+
+@pytest.fixture(scope="module")
+def quick(interrupted_then_quick):
+    return interrupted_then_quick[1]
+
+
+def test_an_interrupted_experiment_writes_its_records_with_status_interrupted(
+        interrupted_then_quick):
+    saved, _ = interrupted_then_quick
+    assert saved["result"]["status"] == saved["summary"]["status"] == "interrupted"
+    run = saved["summary"]["runs"][paper_cnn.TABLE_RUN]
+    assert run["status"] == "interrupted" and run["epochs"] == STOP_AT
+    assert list(saved["summary"]["runs"]) == [paper_cnn.TABLE_RUN]   # the next never began
+    assert "not started: bias/constant" in saved["summary"]["message"]
+    rows = saved["loaded"]["records"][paper_cnn.TABLE_RUN]
+    assert [int(r["epoch"]) for r in rows] == list(range(STOP_AT + 1))
+    # the saved state is the last finished segment's: a resume restarts there
+    assert f"saved state is at epoch {QUICK.segment}" in run["message"]
+    assert {"summary.json", "checkpoints.npz", "state",
+            "epochs_no_bias_loss_based.csv"} <= set(saved["files"])
+    assert "table1.md" not in saved["files"] and saved["loaded"]["radii"] == {}
 
 
 def test_quick_experiment_writes_table_records_curves_and_figures(quick):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from homoflow import Trajectory
 from homoflow.cli import main
@@ -94,3 +95,32 @@ def test_sigterm_stops_a_sweep_after_its_batch_and_resume_computes_the_rest(tmp_
     full = SweepTable.load(d)
     assert full.meta["status"] == "completed" and full.meta["reused"] == done
     assert sorted(set(full["config"].tolist())) == [0, 1, 2]
+
+
+@pytest.mark.slow   # ~20-35 s: a CNN compiled in a fresh process (the default check of the
+# same code path interrupts the quick experiment in-process: tests/test_experiment.py)
+def test_sigint_stops_the_experiment_after_its_epoch_and_writes_every_record(tmp_path):
+    import json
+    import time
+
+    from homoflow.experiments import paper_cnn
+
+    d = tmp_path / "cnn"
+    args = ["experiment", "paper-cnn", "--quick", "--data", "digits", "--epochs", "100000",
+            "--no-progress", "--out", str(d)]
+    p = subprocess.Popen([sys.executable, "-m", "homoflow.cli", *args], env=_env(tmp_path),
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    state = d / "state" / "no_bias_loss_based.npz"
+    deadline = time.monotonic() + 300
+    while not state.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)   # the first segment (30 epochs) is saved: training is under way
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, (out, err)
+    assert "SIGINT" in err and "Traceback" not in err and "--resume" in err
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    run = summary["runs"]["no_bias/loss_based"]
+    assert run["status"] == "interrupted" and 30 <= run["epochs"] < 100000
+    rows = paper_cnn.load(d)["records"]["no_bias/loss_based"]
+    assert [int(r["epoch"]) for r in rows] == list(range(run["epochs"] + 1))

@@ -81,9 +81,14 @@ def test_compare_figure_overlays_one_colour_per_run_and_checks_labels(run):
         compare_figure([run, other], ["a"])
 
 
-def test_save_summary_writes_a_png(run, tmp_path):
+def test_save_summary_writes_a_png_and_leaves_no_figure_open(run, tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = set(plt.get_fignums())
     path = save_summary(run, tmp_path)
     assert path.name == "summary.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pyplot keeps every open figure: a sweep saving one per run would grow without bound
+    assert set(plt.get_fignums()) == before
 
 
 def test_rate_figure_draws_every_configuration_of_a_sweep(run):

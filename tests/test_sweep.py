@@ -72,17 +72,18 @@ def test_vmapped_sweep_reproduces_descent_for_each_step_size_policy_and_seed():
                 config=cfg["config"] - 1)["log_loss"][1:])  # alpha0 reached the program
             continue
         ref = homoflow.descent(problem, model.init(jax.random.PRNGKey(cfg["seed"])), policy,
-                               300, n_records=12, progress=False, snapshots=False)
+                               300, n_records=12, progress=False, snapshots=False, kkt=False)
         for k in COLS:  # same iterations, same numbers (float64 reassociation only)
             assert _rel(cols[k], ref[k]) <= 1e-11, (cfg["policy"], cfg["seed"], k)
 
 
 def test_one_compiled_program_per_model_shape():
+    # the initialization scale is data of the program (vmapped), like the seeds
     configs = sweep.expand({"depth": [1, 2], "lr": [0.01, 0.02, 0.04], "seed": [0, 1],
-                            "data_seed": [0, 3]})
+                            "data_seed": [0, 3], "init_scale": [1.0, 0.1]})
     groups = sweep.plan(configs)
-    assert len(configs) == 24 and len(groups) == 2
-    assert sorted(len(g.ids) for g in groups) == [12, 12]
+    assert len(configs) == 48 and len(groups) == 2
+    assert sorted(len(g.ids) for g in groups) == [24, 24]
 
 
 _SHARDED = textwrap.dedent("""
@@ -201,6 +202,24 @@ def test_bad_grids_fail_before_any_compute(monkeypatch):
         sweep.sweep({"depht": [1]})
     with pytest.raises(ValueError, match="does not use them"):
         sweep.sweep({"policy": "constant", "alpha0": [0.1, 0.2]})
+    with pytest.raises(ValueError, match=r"init_scale must be a finite number > 0, got inf"):
+        sweep.sweep({**TINY, "init_scale": [1.0, math.inf]})
+
+
+def test_init_scale_scales_the_initial_parameters_and_outputs_by_its_powers(full):
+    # after the ``full`` fixture: the same static configuration, so its compiled program
+    # and batch shape (3)
+    table = sweep.sweep({**GRID, "lr": 0.01, "seed": 0, "init_scale": [1.0, 0.25, 4.0]},
+                        progress=False, max_batch=3)
+    (c1, one), (c2, quarter), _ = table.runs()
+    assert (c1["init_scale"], c2["init_scale"]) == (1.0, 0.25)
+    # at iteration 0: rho = ||theta|| scales by s; q = y f(theta; x) by s^L (L = 2), so the
+    # normalized margin q_min / rho^L is unchanged (float64 rounding of a few operations)
+    assert one["step"][0] == quarter["step"][0] == 0
+    assert quarter["rho"][0] == pytest.approx(0.25 * one["rho"][0], rel=1e-14)
+    assert quarter["normalized_margin"][0] == pytest.approx(one["normalized_margin"][0],
+                                                            rel=1e-12)
+    assert quarter["log_loss"][0] != one["log_loss"][0]   # a different starting point
 
 
 def test_depth_whose_declared_order_fails_homogeneity_check_fails_before_compute(monkeypatch):

@@ -269,7 +269,7 @@ def _load_state(path: Path, template, fingerprint: str) -> dict | None:
 
 
 def train(name: str, config: Config, split: data.Split, progress: bool = True,
-          log=None, log_every: int = 250, state_dir=None) -> dict:
+          log=None, log_every: int = 250, state_dir=None, stop=None) -> dict:
     """One run: per-epoch records, checkpoints at the loss thresholds, the final params.
 
     The run advances in segments of ``config.segment`` epochs, each a ``descent`` call that
@@ -277,6 +277,11 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
     batch-order key ``fold_in(key, first epoch)``. With ``state_dir`` the state is saved
     (atomically) after every segment and a run found there is resumed, so an interrupted run
     continues where its last segment ended and ends exactly as an uninterrupted one.
+
+    ``stop`` (a callable, e.g. ``homoflow.io.Interrupt``) is polled after every epoch: once
+    it returns true the run ends there with status "interrupted"; its records so far are
+    returned, and the saved state stays at the last finished segment (a resume from there
+    ends exactly as an uninterrupted run).
     """
     arch, schedule = name.split("/")
     if arch not in ("no_bias", "bias") or schedule not in ("loss_based", "constant"):
@@ -314,6 +319,7 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
             log(f"    {name}: resumed at epoch {done} from {path}")
     last = {"params": params, "record": rows[-1] if rows else None}
     offset = {"epoch": done}
+    halted = [stop is not None and bool(stop())]
 
     def hook(step, p, row):
         epoch = offset["epoch"] + step
@@ -324,8 +330,8 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
         q_min = float(row["q_min"])
         crossing = [k for k, thr in enumerate(config.thresholds)
                     if k not in checkpoints and log10_loss < thr]
-        stop = log10_loss <= config.stop_log10_loss
-        test = (epoch % config.test_every == 0 or crossing or stop or epoch == epochs)
+        end = log10_loss <= config.stop_log10_loss
+        test = (epoch % config.test_every == 0 or crossing or end or epoch == epochs)
         rec = {"epoch": epoch, "log10_loss": log10_loss,
                "train_acc": float(np.mean(row["margins"] > 0)),
                "test_acc": accuracy(p) if test else math.nan,
@@ -341,11 +347,12 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
             log(f"    {name} epoch {epoch}: log10 loss {log10_loss:.4g}, normalized margin "
                 f"{rec['normalized_margin']:.4g}, test acc {rec['test_acc']:.4f}, "
                 f"{wall0 + time.perf_counter() - start:.0f} s")
-        return stop
+        halted[0] = stop is not None and bool(stop())
+        return end or halted[0]
 
     start = time.perf_counter()
     key = jax.random.PRNGKey(config.seed + 1)
-    while done < epochs and not finished:
+    while done < epochs and not finished and not halted[0]:
         n_seg = min(config.segment, epochs - done)
         try:
             with warnings.catch_warnings():
@@ -359,8 +366,10 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
                                kkt=False)  # an NNLS per epoch: the experiment does not use it
             status, message = traj.status, traj.meta["message"]
             finished = "stopped_by_hook" in traj.meta
-        except RunStopped as stop:
-            status, message, finished = stop.reason, str(stop), True
+        except RunStopped as err:
+            status, message, finished = err.reason, str(err), True
+        if halted[0]:   # the partial segment is not saved: a resume starts at its start
+            break
         done = last["record"]["epoch"]
         offset["epoch"] = done
         if schedule == "loss_based" and len(rows) >= 2:
@@ -376,6 +385,10 @@ def train(name: str, config: Config, split: data.Split, progress: bool = True,
                                "policy_state": [float(x) for x in
                                                 jax.tree_util.tree_leaves(cell["state"])],
                                "wall_time_s": wall0 + time.perf_counter() - start})
+    if halted[0]:
+        status = "interrupted"
+        message = (f"interrupted after epoch {rows[-1]['epoch'] if rows else 0} of {epochs}; "
+                   f"the saved state is at epoch {done}")
     wall = wall0 + time.perf_counter() - start
     # alpha(t) of eq. (26): eta(t) = alpha(t) / L(t-1), identical for average and sum losses
     for prev, rec in zip(rows[:-1], rows[1:]):
@@ -401,8 +414,10 @@ def checkpoint_models(run: dict, config: Config) -> list[dict]:
     return out
 
 
-def robustness(model, ckpts: list[dict], split: data.Split, config: Config) -> dict:
-    """Per checkpoint and split: attack distances (>= R) and certified radii (<= R)."""
+def robustness(model, ckpts: list[dict], split: data.Split, config: Config,
+               stop=None) -> dict | None:
+    """Per checkpoint and split: attack distances (>= R) and certified radii (<= R).
+    ``None`` once ``stop()`` (polled before each checkpoint) is true."""
     box = (0.0, 1.0) if config.data in ("digits", "mnist") else None
     k = config.attack_points
     sets = {"train": (split.X_train[:k], split.y_train[:k]),
@@ -412,6 +427,8 @@ def robustness(model, ckpts: list[dict], split: data.Split, config: Config) -> d
     y_all = np.concatenate([y for _, y in sets.values()])
     bounds = np.cumsum([0] + [len(y) for _, y in sets.values()])
     for c in ckpts:
+        if stop is not None and stop():
+            return None
         # one certificate call per checkpoint: its Lipschitz constant serves both splits
         cert = attacks.certified_radius(model, c["params"], X_all, y_all)
         for (which, (X, y)), lo, hi in zip(sets.items(), bounds[:-1], bounds[1:]):
@@ -495,8 +512,15 @@ def _write_csv(path: Path, rows: list[dict]):
         w.writerows(rows)
 
 
-def run(config: Config = Config(), out=None, progress: bool = True, log=print) -> dict:
-    """Train the runs, build Table 1 and the robustness curves, write everything to ``out``."""
+def run(config: Config = Config(), out=None, progress: bool = True, log=print,
+        stop=None) -> dict:
+    """Train the runs, build Table 1 and the robustness curves, write everything to ``out``.
+
+    ``stop`` (a callable, e.g. ``homoflow.io.Interrupt``) is polled after every epoch and
+    between checkpoints' attacks: once true, the runs stop there and ``out`` receives what
+    is recorded (epoch records, the checkpoints reached, ``summary.json`` with status
+    "interrupted"); the result's ``status`` says so. A rerun with the same configuration
+    into the same ``out`` resumes each run from its last finished segment."""
     t0 = time.perf_counter()
     out = Path(out) if out is not None else None
     extra = ({"train_size": config.train_size, "test_size": config.test_size,
@@ -510,15 +534,21 @@ def run(config: Config = Config(), out=None, progress: bool = True, log=print) -
     runs = {}
     for name in config.runs:
         runs[name] = train(name, config, split, progress, log=None if progress else log,
-                           state_dir=None if out is None else _state_dir(out))
+                           state_dir=None if out is None else _state_dir(out), stop=stop)
         r = runs[name]
-        log(f"  {name}: {len(r['rows']) - 1} epochs, log10 loss "
-            f"{r['rows'][-1]['log10_loss']:.4g}, status {r['status']}, {r['wall_time_s']:.0f} s")
+        log(f"  {name}: {max(len(r['rows']) - 1, 0)} epochs, log10 loss "
+            f"{r['rows'][-1]['log10_loss'] if r['rows'] else math.nan:.4g}, status "
+            f"{r['status']}, {r['wall_time_s']:.0f} s")
+        if r["status"] == "interrupted":
+            break
     table_run = runs[TABLE_RUN]
-    ckpts = checkpoint_models(table_run, config)
+    ckpts = checkpoint_models(table_run, config) if table_run["rows"] else []
     t_attack = time.perf_counter()
-    radii = robustness(table_run["model"], ckpts, split, config)
+    radii = None if r["status"] == "interrupted" else \
+        robustness(table_run["model"], ckpts, split, config, stop=stop)
     attack_wall = time.perf_counter() - t_attack
+    if radii is None:
+        return _interrupted(config, runs, ckpts, out, log, time.perf_counter() - t0)
     log(f"  robustness of {len(ckpts)} checkpoints: {attack_wall:.0f} s")
     table = table1(ckpts, radii)
     eps = np.linspace(0.0, config.eps_max, config.n_eps)
@@ -527,7 +557,7 @@ def run(config: Config = Config(), out=None, progress: bool = True, log=print) -
               for (label, which), v in radii.items()
               for e, a, c in zip(eps, attacks.robust_accuracy(v["attack"], eps),
                                  attacks.robust_accuracy(v["certified"], eps))]
-    result = {"config": asdict(config), "table1": table,
+    result = {"config": asdict(config), "status": "completed", "table1": table,
               "checks": checks(table_run, table, radii, config),
               "runs": {k: {"status": r["status"], "message": r["message"],
                            "homogeneous": r["homogeneous"], "epochs": len(r["rows"]) - 1,
@@ -542,6 +572,39 @@ def run(config: Config = Config(), out=None, progress: bool = True, log=print) -
         write(result, out, eps)
         log(f"  wrote {out} in {result['wall_time_s']:.0f} s total")
     return result
+
+
+def _interrupted(config: Config, runs: dict, ckpts: list[dict], out, log, wall) -> dict:
+    """What an interrupted experiment has: every run's epoch records so far, the Table 1
+    checkpoints reached, and ``summary.json`` with status "interrupted" (no table, no
+    robustness: they need the finished runs)."""
+    done = {k: r["rows"][-1]["epoch"] if r["rows"] else 0 for k, r in runs.items()}
+    message = ("interrupted: " + ", ".join(f"{k} at epoch {e}" for k, e in done.items())
+               + f"; not started: {', '.join(k for k in config.runs if k not in runs) or 'none'}")
+    result = {"config": asdict(config), "status": "interrupted", "message": message,
+              "runs": {k: {"status": r["status"], "message": r["message"],
+                           "homogeneous": r["homogeneous"], "epochs": done[k],
+                           "wall_time_s": r["wall_time_s"],
+                           "final": r["rows"][-1] if r["rows"] else None}
+                       for k, r in runs.items()},
+              "versions": package_versions(), "wall_time_s": wall,
+              "records": {k: r["rows"] for k, r in runs.items() if r["rows"]},
+              "checkpoint_params": {c["label"]: c["params"] for c in ckpts
+                                    if c["threshold"] is not None}}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, rows in result["records"].items():
+            _write_csv(out / f"epochs_{name.replace('/', '_')}.csv", rows)
+        _write_checkpoints(out / "checkpoints.npz", result["checkpoint_params"])
+        hio.write_json(out / "summary.json", {k: v for k, v in result.items() if k not in
+                                              ("records", "checkpoint_params")})
+        log(f"  {message}; wrote what is recorded to {out}")
+    return result
+
+
+def _write_checkpoints(path: Path, params: dict) -> None:
+    hio.write_npz(path, **{f"{label}{name}": v for label, p in params.items()
+                           for name, v in _flatten_with_names(p).items()})
 
 
 def _state_dir(out: Path) -> Path:
@@ -561,12 +624,10 @@ def write(result: dict, out: Path, eps) -> None:
     for name, rows in result["records"].items():
         _write_csv(out / f"epochs_{name.replace('/', '_')}.csv", rows)
     _write_csv(out / "robustness.csv", result["curves"])
-    np.savez(out / "radii.npz", **{f"{label}_{which}_{kind}": v[kind]
-                                   for (label, which), v in result["radii"].items()
-                                   for kind in ("attack", "certified")})
-    np.savez(out / "checkpoints.npz", **{f"{label}{name}": v
-                                         for label, p in result["checkpoint_params"].items()
-                                         for name, v in _flatten_with_names(p).items()})
+    hio.write_npz(out / "radii.npz", **{f"{label}_{which}_{kind}": v[kind]
+                                        for (label, which), v in result["radii"].items()
+                                        for kind in ("attack", "certified")})
+    _write_checkpoints(out / "checkpoints.npz", result["checkpoint_params"])
     summary = {k: v for k, v in result.items()
                if k not in ("records", "curves", "radii", "checkpoint_params")}
     hio.write_json(out / "summary.json", summary)
@@ -584,8 +645,11 @@ def load(out) -> dict:
         if arch == "no":  # "no_bias_<schedule>"
             arch, schedule = "no_bias", schedule[len("bias_"):]
         records[f"{arch}/{schedule}"] = rows
+    radii = {}
+    if not (out / "radii.npz").exists():   # an interrupted experiment: records only
+        return {"records": records, "radii": radii,
+                **json.loads((out / "summary.json").read_text())}
     with np.load(out / "radii.npz") as f:
-        radii = {}
         for key in f.files:
             label, which, kind = key.rsplit("_", 2)
             radii.setdefault((label, which), {})[kind] = f[key]
@@ -627,8 +691,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        hio.write_figure(fig, out / name, dpi=120)
-        plt.close(fig)
+        hio.write_figure(fig, out / name, dpi=120)   # and closes it
         paths.append(out / name)
 
     # Figure 1: training loss and normalized margin, constant step (top) and loss-based
