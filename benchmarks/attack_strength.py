@@ -19,7 +19,6 @@ directory (``--run``); without one, the script trains the ``--quick`` configurat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -38,7 +38,6 @@ except ImportError:
     sys.exit("cnn_speed.py needs PyTorch for its baseline: pip install 'homoflow[bench]'")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -194,7 +194,7 @@ def test_deep_sliding_velocity_is_the_chain_rule_element_on_the_tangent_space():
     x = flat / jnp.linalg.norm(flat)
     tau = jnp.asarray(0.5)
     mask, sl = deep.start(prob, unravel, x)
-    per = mask.shape[1]                       # 4 first-layer + 4 second-layer sites per point
+    assert mask.shape[1] == 8                 # 4 first-layer + 4 second-layer sites per point
     z = np.asarray(deep.sites(prob, unravel, x))
     # the first-layer site of point 0 and the second-layer site of point 3 closest to 0
     s1 = (0, int(np.argmin(np.abs(z[0, :4]))))
