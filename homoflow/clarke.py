@@ -64,18 +64,24 @@ def _seg(values, owner, m):
 
 def _schur_solver(Nll, Nlm, Nmm):
     """Factor the block system [[Nll, Nlm], [Nlm^T, blockdiag(Nmm)]]: Nmm is (W, T, T)
-    (one block per hidden unit), Nlm is (m, W, T). Returns solve(r_l, r_m)."""
+    (one block per hidden unit), Nlm is (m, W, T). Returns solve(r_l, r_m).
+
+    With Nmm = L L^T blockwise and Z = L^-1 Nlm^T, the Schur complement onto lambda is
+    S = Nll - Z^T Z. The T x T blocks use their Cholesky factors' explicit inverses:
+    XLA-CPU runs a batch of small triangular solves with many right-hand sides ~10x slower
+    than the batched inverse plus an einsum (W = 100, T = 8, m = 100: 2.0 ms against
+    0.2 ms), and a triangular inverse is as accurate as substitution."""
+    m, W, T = Nlm.shape
     Lm = jnp.linalg.cholesky(Nmm)
-    Nml = jnp.transpose(Nlm, (1, 2, 0))                                   # (W, T, m)
-    msolve = jax.vmap(lambda L, r: jax.scipy.linalg.cho_solve((L, True), r))
-    Y = msolve(Lm, Nml)
-    S = Nll - jnp.einsum("kjt,jtl->kl", Nlm, Y)
-    Ls = jnp.linalg.cholesky(S)
+    eye = jnp.broadcast_to(jnp.eye(T, dtype=Nmm.dtype), Nmm.shape)
+    Li = jax.lax.linalg.triangular_solve(Lm, eye, left_side=True, lower=True)   # L^-1
+    Z = jnp.einsum("jts,ljs->jtl", Li, Nlm).reshape(W * T, m)
+    Ls = jnp.linalg.cholesky(Nll - Z.T @ Z)
 
     def solve(rl, rm):
-        ym = msolve(Lm, rm)
-        dl = jax.scipy.linalg.cho_solve((Ls, True), rl - jnp.einsum("kjt,jt->k", Nlm, ym))
-        return dl, ym - jnp.einsum("jtl,l->jt", Y, dl)
+        w = jnp.einsum("jts,js->jt", Li, rm).ravel()
+        dl = jax.scipy.linalg.cho_solve((Ls, True), rl - Z.T @ w)
+        return dl, jnp.einsum("jst,js->jt", Li, (w - Z @ dl).reshape(W, T))
 
     return solve
 
@@ -193,12 +199,18 @@ def box_cone_qp(Qll, ql, Qlm, Qmm, qm, owner, mask, c, max_iter: int = 80, rank=
         """Impose the identified bounds as equalities; solve the reduced least squares."""
         upper = upper & ~lower & mask
         inter = mask & ~lower & ~upper
-        EU = jnp.transpose(onehot * jnp.where(upper, cm, 0.0)[:, :, None], (2, 0, 1))  # (m, W, T)
-        QmmEU = jnp.einsum("jts,ljs->jtl", Qmm, EU)
-        Rll = (Qll + jnp.einsum("kjt,ljt->kl", Qlm, EU) + jnp.einsum("kjt,ljt->lk", Qlm, EU)
-               + jnp.einsum("kjt,jtl->kl", EU, QmmEU))
+        # mu = E lambda on the upper slots, E[s, l] = c [owner(s) = l]: the products with
+        # E are segment sums over the slots' owners (a dense (m, W, T) E costs 100x more)
+        cu = jnp.where(upper, cm, 0.0)
+
+        def seg_rows(a):  # (W, T, m) -> (m, m): row l sums the slots owned by l
+            return jax.ops.segment_sum(a.reshape(W * T, m), owner.ravel(), num_segments=m)
+
+        QmmEU = jnp.einsum("jts,jsl->jtl", Qmm * cu[:, None, :], onehot)       # (W, T, m)
+        QlmE = seg_rows(jnp.transpose(Qlm * cu[None], (1, 2, 0)))              # (l, k)
+        Rll = Qll + QlmE + QlmE.T + seg_rows(cu[:, :, None] * QmmEU)
         Rlm = Qlm + jnp.transpose(QmmEU, (2, 0, 1))
-        rl = ql + jnp.einsum("kjt,jt->k", EU, qm)
+        rl = ql + _seg(cu * qm, owner, m)
         fl, fm = free_l, inter
         Rll = jnp.where(fl[:, None] & fl[None, :], Rll, 0.0) + jnp.diag(jnp.where(fl, 0.0, 1.0))
         Rlm = jnp.where(fl[:, None, None] & fm[None], Rlm, 0.0)
