@@ -180,21 +180,29 @@ class _Dashboard:
                     a["kkt"].plot(x[ok], v[ok], ls, marker=".", label=tag(text), **kw)
 
     def finish(self, no_separation: bool) -> None:
-        from matplotlib.ticker import FuncFormatter, NullFormatter
+        from matplotlib.ticker import FuncFormatter
 
         ys = [np.asarray(ln.get_ydata(), np.float64) for ln in self.ax["loss"].lines]
         ys = np.concatenate(ys) if ys else np.zeros(0)
         ys = ys[np.isfinite(ys)]
-        if ys.size and ys.min() > 0 and ys.max() / ys.min() > 10:   # log(1/L) spans decades
+        pos = ys[ys > 0]
+        if pos.size > ys.size // 2 and pos.max() / pos.min() > 10:   # log(1/L) spans decades
+            # Theorem 4.3's log(1/L) ~ log T is then a straight line of slope 1; points with
+            # L >= 1 (before separation only) have no place on it and are not drawn
             self.ax["loss"].set_yscale("log")
+            if pos.size < ys.size:
+                self.ax["loss"].set_ylabel(r"$\log_{10}(1/L)$  (points with L < 1)")
         plain = FuncFormatter(lambda v, _: f"{v:g}")
+        # 1-2 decades show one or two major ticks: label the minor 2s and 5s too
+        two_five = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and round(
+            v / 10.0 ** np.floor(np.log10(v) + 1e-9)) in (2, 5) else "")
         for name in ("loss_ratio", "beta", "kkt"):   # 4, not 4×10⁰, on a short log axis
             if self.ax[name].get_yscale() == "log":
                 lo, hi = self.ax[name].get_ylim()
                 if hi / lo < 100:
                     self.ax[name].yaxis.set_major_formatter(plain)
                     self.ax[name].yaxis.set_minor_formatter(plain if hi / lo < 10
-                                                            else NullFormatter())
+                                                            else two_five)
         for name, ax in self.ax.items():
             if ax.lines:
                 handles, labels = ax.get_legend_handles_labels()
