@@ -19,6 +19,8 @@ element they need instead of autodiff's.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
@@ -281,6 +283,54 @@ def diagonal_linear(dim: int, depth: int) -> Model:
                  {"dim": dim, "depth": depth})
 
 
+def _conv_raw(h, W, spec):
+    return jax.lax.conv_general_dilated(h, W, (1,) * (h.ndim - 2), "SAME",
+                                        dimension_numbers=spec)
+
+
+def _shifted(h, ks):
+    """The stride-1 SAME windows of h (N, *spatial, C) for kernel sizes ks, as
+    (N, *spatial, prod(ks), C) in the row-major order of the kernel's offsets (XLA's SAME:
+    the odd padding cell goes after)."""
+    pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in ks]
+    hp = jnp.pad(h, ((0, 0), *pads, (0, 0)))
+    sizes = h.shape[1:-1]
+    views = [hp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(off, sizes))]
+             for off in itertools.product(*(range(k) for k in ks))]
+    return jnp.stack(views, axis=-2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv_same(h, W, spec):
+    """Stride-1 SAME convolution (NHWC / HWIO, or NWC / WIO) whose derivative in W is a
+    matmul of shifted windows. Mathematically XLA's own; the reason is speed: XLA-CPU runs
+    the filter-gradient convolution that autodiff makes ~5-9x slower inside a while loop
+    (every descent engine's loop) than at top level (measured, jaxlib 0.10.2, the quick
+    paper-CNN: a 3 x 3 x 4 x 8 filter's gradient over 100 images of 16 x 16 x 4 took 99 ms
+    in a loop against 13.5 ms at top level; the matmul form takes 10.5 ms in the loop),
+    while forward and input-gradient convolutions keep their speed. The windows cost
+    prod(kernel) times the layer's input in memory, only where a derivative in W is taken."""
+    return _conv_raw(h, W, spec)
+
+
+def _conv_same_jvp(spec, primals, tangents):
+    h, W = primals
+    dh, dW = tangents
+    y = _conv_raw(h, W, spec)
+    dy = None
+    if not isinstance(dh, jax.custom_derivatives.SymbolicZero):
+        dy = _conv_raw(dh, W, spec)
+    if not isinstance(dW, jax.custom_derivatives.SymbolicZero):
+        ks = W.shape[:-2]
+        k = int(np.prod(ks))
+        term = jnp.einsum("...kc,kco->...o", _shifted(h, ks), dW.reshape(k, *W.shape[-2:]))
+        dy = term if dy is None else dy + term
+    return y, jnp.zeros_like(y) if dy is None else dy
+
+
+_conv_same.defjvp(_conv_same_jvp, symbolic_zeros=True)
+
+
 def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
         pool: int = 2, hidden: int = 32, n_outputs: int = 1, bias_first: bool = False,
         activation="relu", all_biases: bool = False) -> Model:
@@ -324,7 +374,7 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
     window = (1,) + (pool,) * dims + (1,)
 
     def conv(h, W):
-        return jax.lax.conv_general_dilated(h, W, (1,) * dims, "SAME", dimension_numbers=spec)
+        return _conv_same(h, W, spec)
 
     def max_pool(h):
         return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, window, window, "VALID")

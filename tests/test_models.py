@@ -129,3 +129,35 @@ def test_init_scale_multiplies_every_parameter_and_the_outputs_by_scale_to_the_L
 def test_bad_init_scale_is_rejected_naming_it(scale):
     with pytest.raises(ValueError, match=f"init scale must be a finite number > 0, got {scale}"):
         models.linear(3).init(jax.random.PRNGKey(0), scale=scale)
+
+
+@pytest.mark.parametrize("shape,kernels", [((12, 12, 2), (5, 3)), ((16, 3), (4, 3)),
+                                           ((9, 10, 1), (2, 3))])
+def test_cnn_convolution_derivatives_equal_xla_convolution_derivatives(shape, kernels):
+    """The CNN's convolution (``models._conv_same``: W-derivative as a matmul of shifted
+    windows, for XLA-CPU's speed inside loops) has XLA's derivatives: gradient in both
+    operands, forward mode, Hessian-vector products and vmap, odd and even kernels, 1-D
+    and 2-D. Tolerance: both sum the same products in different orders, so they agree to
+    a few ulps of the largest entry (2e-15 measured); 1e-13 leaves a margin for other CPUs."""
+    spec = ("NHWC", "HWIO", "NHWC") if len(shape) == 3 else ("NWC", "WIO", "NWC")
+    dims = len(shape) - 1
+    X = jax.random.normal(jax.random.PRNGKey(0), (7,) + shape)
+    W1 = jax.random.normal(jax.random.PRNGKey(1), (kernels[0],) * dims + (shape[-1], 4))
+    W2 = jax.random.normal(jax.random.PRNGKey(2), (kernels[1],) * dims + (4, 3))
+
+    def f(conv):
+        return lambda W1, W2, X: jnp.sum(jnp.sin(conv(jax.nn.relu(conv(X, W1, spec)), W2, spec)))
+
+    ours, xla = f(models._conv_same), f(models._conv_raw)
+
+    def close(a, b):
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(u, v, rtol=0, atol=1e-13 * float(jnp.max(jnp.abs(v))))
+
+    close(jax.grad(ours, (0, 1, 2))(W1, W2, X), jax.grad(xla, (0, 1, 2))(W1, W2, X))
+    v = jax.random.normal(jax.random.PRNGKey(3), W1.shape)
+    close(jax.jvp(lambda W: ours(W, W2, X), (W1,), (v,)), jax.jvp(lambda W: xla(W, W2, X), (W1,), (v,)))
+    close(jax.jvp(lambda W: jax.grad(ours)(W, W2, X), (W1,), (v,))[1],
+          jax.jvp(lambda W: jax.grad(xla)(W, W2, X), (W1,), (v,))[1])
+    close(jax.vmap(jax.grad(ours), (None, None, 0))(W1, W2, X[:, None]),
+          jax.vmap(jax.grad(xla), (None, None, 0))(W1, W2, X[:, None]))
