@@ -1432,20 +1432,10 @@ def _lagrangian_hessian(problem: Problem, params, lam, index, slope):
         else:
             slopes = _slopes_of(problem, p, slope)
             out = kinks.apply(p, problem.X, slopes, (0.0,) * kinks.layers)
-            c = _constraints_of_outputs(problem, out)
+            c = constraints_of(problem, out)
         return jnp.sum(lam * c[index])
 
     return jax.hessian(total)(flat)
-
-
-def _constraints_of_outputs(problem: Problem, out):
-    """``constraints`` from the model's outputs on X."""
-    if not problem.model.multiclass:
-        return problem.y * out
-    s, mask = problem.score_gaps_of(out)
-    C = s.shape[1]
-    order = jnp.argsort(mask, axis=1, stable=True)[:, : C - 1]
-    return jnp.take_along_axis(s, order, axis=1).ravel()
 
 
 def _dead_unit_gain(X, y, lam, rng, starts: int = 64, iters: int = 300):
