@@ -435,7 +435,10 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     ip = None if margin_norm is None else inv_p(margin_norm)
     key = jax.random.PRNGKey(0) if key is None else key
     params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params0)
-    state = _init(problem, params0, policy, cfg, key)
+    # the policy's initial state is an argument, not a constant of the compiled init: a
+    # policy whose init() changes between calls (paper_cnn's segments) would otherwise
+    # get the state of the call that compiled it
+    state = _init(problem, params0, policy, cfg, key, policy.init())
     if not jnp.isfinite(state.log_loss):
         raise ValueError(f"the initial loss is not finite (log L = {float(state.log_loss)})")
     rows, snaps = [], []

@@ -366,3 +366,26 @@ def test_advance_is_compiled_once_for_every_chunk_length_and_hyperparameter(monk
     for steps, chunk in [(5, 2), (9, 4)]:
         homoflow.descent(prob, params0, policy, steps, chunk=chunk, progress=False, kkt=False,
                          n_records=3)
+
+
+@pytest.mark.filterwarnings("ignore:the loss never fell below")   # one step: not separated
+def test_a_policy_whose_init_changes_between_calls_starts_each_call_from_its_current_state():
+    """descent hands the policy's init() to the compiled init as an argument: a policy object
+    reused across calls with a changing initial state (the paper-cnn experiment's segments)
+    starts every call from the state of that call, not of the call that compiled it (the
+    bug this guards: segments after the first reused the first segment's alpha, so a resumed
+    run differed from an uninterrupted one). One loss-based step from the same point with
+    alpha = 0.01, then 0.001: log eta = log alpha - log L(theta0) differs by log 10 exactly."""
+    import dataclasses
+    X, y = data.linearly_separable(20, 3, 0)
+    model = models.linear(3)
+    prob = make_problem(model, losses.exponential(), X, y)
+    base = schedules.loss_based(alpha0=0.01)
+    cell = {"state": base.init()}
+    policy = dataclasses.replace(base, init=lambda: cell["state"])
+    params = model.init(jax.random.PRNGKey(0))
+    first = homoflow.descent(prob, params, policy, 1, n_records=2, progress=False, kkt=False)
+    cell["state"] = cell["state"]._replace(log_alpha=jnp.asarray(math.log(0.001)))
+    second = homoflow.descent(prob, params, policy, 1, n_records=2, progress=False, kkt=False)
+    assert first["attempts"][-1] == second["attempts"][-1] == 1   # both first steps accepted
+    assert abs(first["log_lr"][-1] - second["log_lr"][-1] - math.log(10.0)) < 1e-12
