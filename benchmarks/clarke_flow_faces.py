@@ -18,7 +18,7 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
-from homoflow import data, losses, make_problem, models  # noqa: E402
+from homoflow import configs, losses, make_problem  # noqa: E402
 from homoflow.flow import flow  # noqa: E402
 
 
@@ -30,11 +30,11 @@ def main(argv=None) -> int:
                     help="print the saved points from this log t on")
     ap.add_argument("--saves", type=int, default=120)
     args = ap.parse_args(argv)
-    X, y = data.linearly_separable(100, 10, 0)
-    model = models.mlp((10, 100, 1))
-    prob = make_problem(model, losses.exponential(), X, y)
+    config = configs.resolve(configs.defaults())   # homoflow run's default problem
+    model = configs.build_model(config)
+    prob = make_problem(model, losses.get_loss(config["loss"]), *configs.load_data(config))
     start = time.perf_counter()
-    traj = flow(prob, model.init(jax.random.PRNGKey(0)), log_t_max=args.log_t,
+    traj = flow(prob, model.init(jax.random.PRNGKey(config["seed"])), log_t_max=args.log_t,
                 n_saves=args.saves, progress=False, polar_rtol=args.polar_rtol,
                 rtol=min(args.polar_rtol, 1e-6), snapshots=False)
     print(f"polar_rtol {args.polar_rtol:g}: log t {traj['log_T'][-1]:.4g} in "
