@@ -185,6 +185,18 @@ def _onto(problem: Problem, unravel, idx, x, iters: int = 2):
     return x
 
 
+def gradient_and_cotangents(problem: Problem, unravel, apply, slope, x, tau):
+    """(v, g, e) at v = e^tau x: g the gradient of -log L with derivative ``slope`` at the
+    sites ``apply`` takes (``_apply_first``, ``deep.apply``), e = d(-log L)/d(offset) the
+    cotangent at every site. One home for both sliding modes (``sliding._events`` too)."""
+    def nll(v, o):
+        out = apply(problem, unravel(v), o, slope)
+        return -problem.loss.log_loss(problem.margin_terms_of(out)[1])
+
+    v = jnp.exp(tau) * x
+    return (v,) + tuple(jax.grad(nll, argnums=(0, 1))(v, jnp.zeros(slope.shape, x.dtype)))
+
+
 def events(problem: Problem, unravel, mask, sl: DeepSliding, x, tau, cand, near, hold_unit):
     """``sliding._events`` for every layer's sites (same returns)."""
     kink = problem.model.kinks
@@ -196,12 +208,7 @@ def events(problem: Problem, unravel, mask, sl: DeepSliding, x, tau, cand, near,
     slope_t = jnp.where(mask_t, kink.lo, sl.slope)
     idx_t = _index(mask_t, k)
 
-    def nll(v, o):
-        out = apply(problem, unravel(v), o, slope_t)
-        return -problem.loss.log_loss(problem.margin_terms_of(out)[1])
-
-    v = jnp.exp(tau) * x
-    g_lo, e = jax.grad(nll, argnums=(0, 1))(v, jnp.zeros(mask.shape, x.dtype))
+    v, g_lo, e = gradient_and_cotangents(problem, unravel, apply, slope_t, x, tau)
     R, _, valid = _rows(problem, unravel, idx_t, v)
     tg = _factor(R, valid)
     mu_rows = -_coef(tg, g_lo) / tg.r

@@ -151,14 +151,9 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near, ho
     sl_t = jax.lax.cond(jnp.any(cand), lambda: _sliding(problem, mask_t, slope_t),
                         lambda: sl._replace(slope=slope_t))
 
-    def nll(v, o):
-        out = _apply_first(problem, unravel(v), o, slope_t)
-        return -problem.loss.log_loss(problem.margin_terms_of(out)[1])
-
     # g_lo uses the derivative lo at every kink of S (the sign of z = +-1e-17 after a
     # projection is rounding, so autodiff's own choice would be either side's)
-    v = jnp.exp(tau) * x
-    g_lo, e = jax.grad(nll, argnums=(0, 1))(v, jnp.zeros(mask.shape, x.dtype))
+    _, g_lo, e = deep.gradient_and_cotangents(problem, unravel, _apply_first, slope_t, x, tau)
     m, d = sl_t.R.shape[0], sl_t.R.shape[1]
     Xf = problem.X.reshape(problem.n, -1)
     mu = -(Xf @ jnp.einsum("jab,bj->aj", sl_t.Minv, _first_layer(g_lo, d, m)))
