@@ -197,6 +197,36 @@ def gradient_and_cotangents(problem: Problem, unravel, apply, slope, x, tau):
     return (v,) + tuple(jax.grad(nll, argnums=(0, 1))(v, jnp.zeros(slope.shape, x.dtype)))
 
 
+def update_set(kink, mask, mask_t, cand, near, mu, e, hold_unit, slope_old, slope_t,
+               per_axis=None):
+    """The sliding set after an update, for both sliding modes (``sliding._events``, ``events``).
+
+    A site with multiplier mu can be held if mu lies between 0 and (hi - lo) e (sigma =
+    mu / e in [0, hi - lo]); a candidate only if, besides, e (hi - lo) < 0 (else both sides
+    push away from it or through it: an unstable sliding mode). Of the members outside
+    their bounds by more than min(1e-2, hold_unit / |e|) (hysteresis), the farthest one
+    leaves: over all sites (``per_axis=None``) or per slice along ``per_axis`` (per neuron
+    for the first layer). A released site keeps the bound its multiplier passed while it
+    sits at z = 0. Returns (new mask, new slopes, ok, how far each member is out)."""
+    bound = (kink.hi - kink.lo) * e
+    ok = ((mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
+          & (mask | (bound < 0)))
+    sigma = mu / jnp.where(e == 0, 1.0, e)
+    excess = jnp.where(e == 0, jnp.inf, jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
+    over = jnp.where(mask, jnp.maximum(excess, 0.0), 0.0)
+    hold = jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300))
+    excess = jnp.where(mask & ~ok & (excess > hold), excess, -1.0)
+    top = (jnp.max(excess) if per_axis is None
+           else jnp.max(excess, axis=per_axis, keepdims=True))
+    released = (excess >= 0) & (excess == top)
+    mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
+    above = (e != 0) & (sigma > kink.hi - kink.lo)
+    slope_n = jnp.where(mask_n, kink.lo,
+                        jnp.where(released, jnp.where(above, kink.hi, kink.lo),
+                                  jnp.where(cand, slope_old, slope_t)))
+    return mask_n, slope_n, ok, over
+
+
 def events(problem: Problem, unravel, mask, sl: DeepSliding, x, tau, cand, near, hold_unit):
     """``sliding._events`` for every layer's sites (same returns)."""
     kink = problem.model.kinks
@@ -214,21 +244,9 @@ def events(problem: Problem, unravel, mask, sl: DeepSliding, x, tau, cand, near,
     mu_rows = -_coef(tg, g_lo) / tg.r
     mu = jnp.zeros(mask.size, x.dtype).at[idx_t].set(jnp.where(valid, mu_rows, 0.0),
                                                        mode="drop").reshape(mask.shape)
-    bound = (kink.hi - kink.lo) * e
-    ok = ((mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
-          & (mask | (bound < 0)))
-    sigma = mu / jnp.where(e == 0, 1.0, e)
-    excess = jnp.where(e == 0, jnp.inf, jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
-    over = jnp.where(mask, jnp.maximum(excess, 0.0), 0.0)
-    hold = jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300))
-    excess = jnp.where(mask & ~ok & (excess > hold), excess, -1.0)
     # one release per update over all sites (every pair of sites is coupled)
-    released = (excess >= 0) & (excess == jnp.max(excess))
-    mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
-    above = (e != 0) & (sigma > kink.hi - kink.lo)
-    slope_n = jnp.where(mask_n, kink.lo,
-                        jnp.where(released, jnp.where(above, kink.hi, kink.lo),
-                                  jnp.where(cand, sl.slope, slope_t)))
+    mask_n, slope_n, ok, over = update_set(kink, mask, mask_t, cand, near, mu, e, hold_unit,
+                                           sl.slope, slope_t)
     idx_n = _index(mask_n, k)
     x_p = jax.lax.cond(jnp.any(mask_n), lambda: _onto(problem, unravel, idx_n, x),
                        lambda: x / jnp.linalg.norm(x))

@@ -157,28 +157,12 @@ def _events(problem: Problem, unravel, mask, sl: Sliding, x, tau, cand, near, ho
     m, d = sl_t.R.shape[0], sl_t.R.shape[1]
     Xf = problem.X.reshape(problem.n, -1)
     mu = -(Xf @ jnp.einsum("jab,bj->aj", sl_t.Minv, _first_layer(g_lo, d, m)))
-    bound = (kink.hi - kink.lo) * e
-    # a candidate can only attract if e (hi - lo) < 0 (else both sides push away from it
-    # or through it): with a feasible multiplier it would be an unstable sliding mode
-    ok = ((mu >= jnp.minimum(0.0, bound)) & (mu <= jnp.maximum(0.0, bound))
-          & (mask | (bound < 0)))
     # of S, only the kink of each neuron whose multiplier is farthest outside its bounds
     # leaves per update: the multipliers of a neuron's kinks are coupled (releasing one
     # moves the others), so releasing every violator at once releases kinks that only
     # violated because of another, which then cross back: churn
-    sigma = mu / jnp.where(e == 0, 1.0, e)
-    excess = jnp.where(e == 0, jnp.inf,
-                       jnp.maximum(sigma - (kink.hi - kink.lo), -sigma))
-    over = jnp.where(mask, jnp.maximum(excess, 0.0), 0.0)   # how far S's members are out
-    hold = jnp.minimum(1e-2, hold_unit / jnp.maximum(jnp.abs(e), 1e-300))
-    excess = jnp.where(mask & ~ok & (excess > hold), excess, -1.0)
-    released = (excess >= 0) & (excess == jnp.max(excess, axis=0, keepdims=True))
-    mask_n = mask_t & (ok | (mask & ~released)) & (mask | near)
-    # a kink leaving S keeps the bound its multiplier passed while it is at z = 0
-    above = (e != 0) & (sigma > kink.hi - kink.lo)
-    slope_n = jnp.where(mask_n, kink.lo,
-                        jnp.where(released, jnp.where(above, kink.hi, kink.lo),
-                                  jnp.where(cand, sl.slope, slope_t)))
+    mask_n, slope_n, ok, over = deep.update_set(kink, mask, mask_t, cand, near, mu, e,
+                                                hold_unit, sl.slope, slope_t, per_axis=0)
     sl_n = jax.lax.cond(jnp.any(mask_n != mask_t), lambda: _sliding(problem, mask_n, slope_n),
                         lambda: sl_t._replace(slope=slope_n))
     x_p = _project(sl_n, x)
