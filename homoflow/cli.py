@@ -151,8 +151,6 @@ def _run_in(args, config, out, previous, stop) -> int:
     jax = _setup_jax(args.no_compile_cache)
     from . import kkt, losses
     from .descent import RunStopped, descent
-    from .flow import flow
-    from .plots import save_summary
     from .problem import make_problem
 
     X, y = configs.load_data(config)
@@ -180,6 +178,7 @@ def _run_in(args, config, out, previous, stop) -> int:
     code = 0
     try:
         if config["engine"] == "flow":
+            from .flow import flow  # diffrax & co.: imported only when the flow runs
             traj = flow(problem, params0, log_t_max=config["log_t_max"],
                         n_saves=config["n_saves"], h_max=config["h_max"],
                         max_steps=config["max_steps"], progress=not args.no_progress,
@@ -230,6 +229,7 @@ def _run_in(args, config, out, previous, stop) -> int:
             io.write_text(out / "convergence.md", kkt.format_report(report, max_rows=50) + "\n")
             kkt.plot_report(report, out / "convergence.png")
             files += ", convergence.md, convergence.png"
+    from .plots import save_summary  # matplotlib: imported after the first result
     save_summary(traj, out, report)   # the one-page dashboard, with the polished margin
     print(f"run directory: {out}  ({files})")
     return code

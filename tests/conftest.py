@@ -1,6 +1,23 @@
+import atexit
 import os
+import shutil
+import tempfile
 
-import jax
+# One persistent compilation cache for the whole test session, shared by the pytest-xdist
+# workers and every subprocess a test starts (JAX reads these variables when it is imported).
+# XLA's compilation is about three quarters of this suite's time, and many programs recur:
+# the same problem built again in another module (each module ends with jax.clear_caches()),
+# in the other worker, or in a CLI subprocess. The directory is fresh for each session (a
+# clean clone pays every first compilation) and removed at its end by the process that made
+# it (the xdist controller, which imports this file before it starts the workers).
+if "HOMOFLOW_TEST_JAX_CACHE" not in os.environ:
+    os.environ["HOMOFLOW_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="homoflow-test-jax-")
+    atexit.register(shutil.rmtree, os.environ["HOMOFLOW_TEST_JAX_CACHE"], True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["HOMOFLOW_TEST_JAX_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402
 
 # float64 for the whole test run, set where the program starts (as the CLI and the
 # notebooks do): importing homoflow changes no JAX setting
