@@ -48,7 +48,7 @@ def test_run_writes_the_run_directory_and_plots(tmp_path, capsys):
 def test_a_diverging_run_still_writes_everything_and_exits_nonzero(tmp_path, capsys):
     out = tmp_path / "div"
     code = main(["run", "--policy", "constant", "--lr", "1.0", "--steps", "50", "--width", "10",
-                 "--out", str(out), "--no-progress"])
+                 "--out", str(out), "--no-progress", "--no-kkt-report"])
     assert code == 2
     assert "blew up at iteration 1" in capsys.readouterr().err
     assert Trajectory.load(out).status == "diverged"

@@ -272,6 +272,7 @@ print(json.dumps({"max_rel": err, "rows": rows}))
 """
 
 
+@pytest.mark.slow  # ~17 s, a fresh process: the sharded sweep itself is tested in test_sweep
 def test_sweep_shards_steepest_descent_policies_over_8_host_devices():
     import json
     import os

@@ -81,8 +81,10 @@ def test_bad_order_is_rejected():
         theory.loss_exponent(0.0)
 
 
+@pytest.mark.slow  # ~45 s, six runs; the default run checks the rate machinery on exact rates
+# and on real runs through benchmarks/margin_rates.py --quick (tests/test_geometry.py)
 def test_rates_benchmark_quick_mode_meets_theorem_4_3_on_its_runs(tmp_path):
-    # benchmarks/rates.py --quick (run in CI): L in {1, 2}, deep linear, exponential loss
+    # benchmarks/rates.py --quick: L in {1, 2}, deep linear, exponential loss
     import importlib.util
     import pathlib
 
