@@ -113,7 +113,7 @@ def test_sigint_stops_the_experiment_after_its_epoch_and_writes_every_record(tmp
     state = d / "state" / "no_bias_loss_based.npz"
     deadline = time.monotonic() + 300
     while not state.exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)   # the first segment (30 epochs) is saved: training is under way
+        time.sleep(0.2)   # the first segment (QUICK.segment epochs) is saved: training is under way
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, (out, err)
@@ -121,6 +121,6 @@ def test_sigint_stops_the_experiment_after_its_epoch_and_writes_every_record(tmp
     summary = json.loads((d / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     run = summary["runs"]["no_bias/loss_based"]
-    assert run["status"] == "interrupted" and 30 <= run["epochs"] < 100000
+    assert run["status"] == "interrupted" and paper_cnn.QUICK.segment <= run["epochs"] < 100000
     rows = paper_cnn.load(d)["records"]["no_bias/loss_based"]
     assert [int(r["epoch"]) for r in rows] == list(range(run["epochs"] + 1))
