@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .models import conv_same
 from .problem import class_gaps as gaps_and_mask
 
 
@@ -192,10 +193,7 @@ def _conv_matrix(W, in_shape: tuple) -> jax.Array:
     """The explicit matrix of the SAME-padded stride-1 convolution by ``W`` on
     R^{in_shape} (the layers here are small enough to write down): compiled once per
     shape, not once per checkpoint."""
-    dims = len(in_shape) - 1
-    spec = ("NHWC", "HWIO", "NHWC") if dims == 2 else ("NWC", "WIO", "NWC")
-    conv = lambda v: jax.lax.conv_general_dilated(  # noqa: E731
-        v.reshape((1,) + in_shape), W, (1,) * dims, "SAME", dimension_numbers=spec).ravel()
+    conv = lambda v: conv_same(v.reshape((1,) + in_shape), W).ravel()  # noqa: E731
     return jax.jacfwd(conv)(jnp.zeros(math.prod(in_shape), W.dtype))
 
 

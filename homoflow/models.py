@@ -19,7 +19,6 @@ element they need instead of autodiff's.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -283,9 +282,13 @@ def diagonal_linear(dim: int, depth: int) -> Model:
                  {"dim": dim, "depth": depth})
 
 
-def _conv_raw(h, W, spec):
-    return jax.lax.conv_general_dilated(h, W, (1,) * (h.ndim - 2), "SAME",
-                                        dimension_numbers=spec)
+def conv_same(h, W):
+    """XLA's stride-1 SAME convolution of h (N, *spatial, C) by W (*kernel, C, C_out): NHWC /
+    HWIO in 2-D, NWC / WIO in 1-D, with autodiff's derivatives (the CNN uses ``_conv_same``,
+    the same map with a faster W-derivative)."""
+    dims = h.ndim - 2
+    spec = ("NHWC", "HWIO", "NHWC") if dims == 2 else ("NWC", "WIO", "NWC")
+    return jax.lax.conv_general_dilated(h, W, (1,) * dims, "SAME", dimension_numbers=spec)
 
 
 def _shifted(h, ks):
@@ -300,26 +303,26 @@ def _shifted(h, ks):
     return jnp.stack(views, axis=-2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _conv_same(h, W, spec):
-    """Stride-1 SAME convolution (NHWC / HWIO, or NWC / WIO) whose derivative in W is a
-    matmul of shifted windows. Mathematically XLA's own; the reason is speed: XLA-CPU runs
+@jax.custom_jvp
+def _conv_same(h, W):
+    """``conv_same`` (NHWC / HWIO, or NWC / WIO) whose derivative in W is a matmul of
+    shifted windows. Mathematically XLA's own; the reason is speed: XLA-CPU runs
     the filter-gradient convolution that autodiff makes ~5-9x slower inside a while loop
     (every descent engine's loop) than at top level (measured, jaxlib 0.10.2, the quick
     paper-CNN: a 3 x 3 x 4 x 8 filter's gradient over 100 images of 16 x 16 x 4 took 99 ms
     in a loop against 13.5 ms at top level; the matmul form takes 10.5 ms in the loop),
     while forward and input-gradient convolutions keep their speed. The windows cost
     prod(kernel) times the layer's input in memory, only where a derivative in W is taken."""
-    return _conv_raw(h, W, spec)
+    return conv_same(h, W)
 
 
-def _conv_same_jvp(spec, primals, tangents):
+def _conv_same_jvp(primals, tangents):
     h, W = primals
     dh, dW = tangents
-    y = _conv_raw(h, W, spec)
+    y = conv_same(h, W)
     dy = None
     if not isinstance(dh, jax.custom_derivatives.SymbolicZero):
-        dy = _conv_raw(dh, W, spec)
+        dy = conv_same(dh, W)
     if not isinstance(dW, jax.custom_derivatives.SymbolicZero):
         ks = W.shape[:-2]
         k = int(np.prod(ks))
@@ -370,12 +373,7 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
     flat = int(np.prod(spatial)) * channels[-1]
     n_groups = len(channels) + 2
     orders = (1.0,) * n_groups
-    spec = ("NHWC", "HWIO", "NHWC") if dims == 2 else ("NWC", "WIO", "NWC")
     window = (1,) + (pool,) * dims + (1,)
-
-    def conv(h, W):
-        return _conv_same(h, W, spec)
-
     def max_pool(h):
         return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, window, window, "VALID")
 
@@ -400,7 +398,7 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
     def forward(params, X, slopes, offsets):
         h, zs = X.reshape((X.shape[0],) + shape), []
         for i in range(len(channels)):
-            zs.append(layer(params[i], h, conv))
+            zs.append(layer(params[i], h, _conv_same))
             h = max_pool(_kinked(act, zs[-1], slopes[i], offsets[i]))
         zs.append(layer(params[-2], h.reshape(h.shape[0], -1), jnp.matmul))
         h = _kinked(act, zs[-1], slopes[-1], offsets[-1])
