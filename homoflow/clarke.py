@@ -588,7 +588,10 @@ def min_norm_element(problem, params, weights, kink_tol=KINK_TOL,
     Q = jnp.einsum("jtd,jsd->jts", sl.V, sl.V)
     c = jnp.einsum("jtd,dj->jt", sl.V, bW)
     ub = jnp.where(sl.mask, (kinks.hi - kinks.lo) * weights[sl.owner], 0.0)
-    u = jax.vmap(box_qp)(Q, c, ub)
+    # no active kink (the usual case off the kinks, e.g. along descent): the set is the
+    # one point b0; skipping the QP saves ~4.5 of ~5 ms on the default problem
+    u = jax.lax.cond(jnp.any(ub > 0), lambda: jax.vmap(box_qp)(Q, c, ub),
+                     lambda: jnp.zeros_like(ub))
     return MinNormElement(unravel(b0 + _scatter_units(u, sl.V, flat.shape[0])), u,
                           sl.n_kinks, sl.capped)
 
