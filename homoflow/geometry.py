@@ -21,15 +21,17 @@ one compiled program serves every p and a sweep vmaps over it.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from .diagnostics import div_exp
 from .problem import Problem
+
+if TYPE_CHECKING:  # optax is imported where used: it costs ~0.2 s of every CLI start
+    import optax
 
 
 def check_p(p) -> float:
@@ -204,6 +206,8 @@ def dual_acceleration() -> optax.GradientTransformation:
     where grad log L(w) = -Z^T q(w) and q(w) = softmax(-Z w) is their dual variable
     (exponential loss). Their main result: the l2 margin gap is O(log n log t / t^2).
     Feed it the gradient of log L (``schedules.optax_optimizer(..., objective="log_loss")``)."""
+    import optax
+
     def init(params):
         return DualAccelerationState(jax.tree_util.tree_map(jnp.zeros_like, params),
                                      jnp.zeros((), jnp.int64))
@@ -243,6 +247,7 @@ def progressive_rescaling(lr: float = 0.5, radius0: float = 1.0, growth: float =
     if int(period) < 1:
         raise ValueError(f"period must be an integer >= 1, got {period}")
     log_r0, log_growth, period = math.log(radius0), math.log(growth), int(period)
+    import optax
 
     def init(params):
         return RescalingState(jnp.zeros((), jnp.int64))

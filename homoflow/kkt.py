@@ -26,9 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 from jax.flatten_util import ravel_pytree
+# (SciPy is imported inside the functions that use it: it costs ~0.4 s of every CLI start)
 
 from . import io
 from .diagnostics import diagnostics
@@ -394,6 +393,7 @@ def least_distance(Gmat, h=None) -> tuple[np.ndarray, np.ndarray]:
     w = Gmat^T u / (1 - h.u) and the dual multipliers are alpha = u / (1 - h.u).
     Raises ValueError when no w satisfies the constraints (the data are not separable by
     these features)."""
+    import scipy.optimize
     Gmat = np.asarray(Gmat, np.float64)
     K, P = Gmat.shape
     h = np.ones(K) if h is None else np.asarray(h, np.float64)
@@ -628,6 +628,7 @@ def _curved_least_distance(A, rhs, x, B, active=None):
     (an augmented Lagrangian; where a row turns inactive it is only a regularization). If
     no rho up to 1e6 |B| gives a Cholesky factor, B is shifted by kappa I. Returns
     (x + d, the multipliers)."""
+    import scipy.linalg
     if B is None:
         return least_distance(A, rhs)
     g = x.copy()
@@ -959,6 +960,7 @@ def _polish_on_pieces(problem: Problem, x, unravel, max_rounds: int, tol: float)
     solution is kept only if it converged (|F| <= 1e-10), lambda >= 0, sigma in [lo, hi],
     every other site keeps its side and gamma_bar does not fall: a wrong face fails one of
     these, and the program's point is returned instead, with a message saying so."""
+    import scipy.linalg
     kinks = problem.model.kinks
     lo, hi = float(kinks.lo), float(kinks.hi)
     X = np.asarray(problem.X, np.float64).reshape(problem.n, -1)
@@ -1258,6 +1260,7 @@ def _check_norm(norm) -> float:
 
 
 def _linprog(c, A_ub, b_ub, bounds, what):
+    import scipy.optimize
     res = scipy.optimize.linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs-ds",
                                  options={"primal_feasibility_tolerance": 1e-10,
                                           "dual_feasibility_tolerance": 1e-10})
@@ -1275,6 +1278,7 @@ def _lp_margin_general(Gmat, p):
     the l2 solution, then Newton on the KKT system of its active set (w = psi(G_S^T lam),
     psi(v) = sign(v) |v|^{q-1}, G_S w = 1), dropping negative multipliers, to full
     precision."""
+    import scipy.optimize
     K, P = Gmat.shape
     q = p / (p - 1.0)
     psi = lambda v: np.sign(v) * np.abs(v) ** (q - 1.0)
@@ -1353,6 +1357,7 @@ def norm_kkt_residual(Gmat, w, norm=2.0, tol: float = 1e-9) -> NormKKT:
     ||w~||_p^{2-p} sign(w~)|w~|^{p-1} (``geometry.steepest_direction`` of w~ in the dual
     norm) and lam minimizes ||s - G^T lam||_2^2 + delta^2 (``nnls``), a valid certificate
     whose eps is reported in the q-norm. ValueError where w does not separate."""
+    import scipy.optimize
     from .geometry import steepest_direction
     p = _check_norm(norm)
     Gmat = np.asarray(Gmat, np.float64)
