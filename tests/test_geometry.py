@@ -278,7 +278,8 @@ def test_sweep_shards_steepest_descent_policies_over_8_host_devices():
     import os
     import subprocess
     import sys
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
     res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
                          text=True, timeout=300, check=False)
