@@ -47,7 +47,8 @@ def test_run_writes_the_run_directory_and_plots(tmp_path, capsys):
 
 def test_a_diverging_run_still_writes_everything_and_exits_nonzero(tmp_path, capsys):
     out = tmp_path / "div"
-    code = main(["run", "--policy", "constant", "--lr", "1.0", "--steps", "50", "--width", "10",
+    # width 20 and the default data, as the run above: its compiled programs are reused
+    code = main(["run", "--policy", "constant", "--lr", "1.0", "--steps", "50", "--width", "20",
                  "--out", str(out), "--no-progress", "--no-kkt-report"])
     assert code == 2
     assert "blew up at iteration 1" in capsys.readouterr().err
@@ -215,7 +216,7 @@ def test_schema_matches_the_library():
 
 def test_optax_divergence_message_is_readable(tmp_path, capsys):
     code = main(["run", "--policy", "sgd_optax", "--lr", "100", "--steps", "30", "--width",
-                 "4", "--n", "12", "--dim", "3", "--n-records", "5", "--out",
+                 "20", "--n-records", "5", "--out",
                  str(tmp_path / "r"), "--no-progress", "--no-kkt-report"])
     err = capsys.readouterr().err
     assert code == 2 and "optax.sgd(learning_rate=100)" in err
