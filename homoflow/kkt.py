@@ -1060,6 +1060,10 @@ _REPORT_COLUMNS = ("log_T", "log_loss", "one_minus_beta", "one_minus_beta_clarke
                    "kkt_delta", "normalized_margin", "margin_gap", "path_length")
 
 
+# one compiled program per model and shape across reports (DESIGN §1)
+_kkt_residual_batch = jax.jit(jax.vmap(kkt_residual, (None, 0)))
+
+
 def convergence_report(problem: Problem, trajectory, polished: Polished | None = None,
                        decades: int = 4, polish: bool = True, local: bool = True,
                        polish_max_iter: int = 100) -> dict:
@@ -1096,7 +1100,7 @@ def convergence_report(problem: Problem, trajectory, polished: Polished | None =
         eps, delta = cols["kkt_eps"][after], cols["kkt_delta"][after]
     elif have_snaps:
         batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[after]), snaps)
-        r = jax.jit(jax.vmap(kkt_residual, (None, 0)))(problem, batch)
+        r = _kkt_residual_batch(problem, batch)
         eps, delta = np.asarray(r.eps), np.asarray(r.delta)
     else:
         eps = delta = np.full(after.size, np.nan)

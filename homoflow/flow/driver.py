@@ -344,19 +344,26 @@ def flow(problem: Problem, params0, *, log_t_max: float | None = 20.0,
     return Trajectory.from_rows(rec.rows, rec.snaps, meta)
 
 
+# one compiled program per model and shape across flow_batch calls (DESIGN §1)
+_diagnostics_batch = jax.jit(jax.vmap(diagnostics, (None, 0)))
+_kkt_batch = jax.jit(jax.vmap(kkt_columns, (None, 0)))
+
+
 @_one_blas_thread
 def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: int = 50,
                t0_limit: float = 1e6, rtol: float = 1e-6, atol: float = 1e-9,
                polar_rtol: float = 1e-6, polar_atol: float = 1e-6, stiff_ref: float = 1e5,
                u_tol: float | None = None, filter_error: bool = False, h_max: float = 0.01,
-               max_steps: int = 100_000, sliding: bool = True) -> list[Trajectory]:
+               max_steps: int = 100_000, sliding: bool = True,
+               kkt: bool = True) -> list[Trajectory]:
     """Gradient flow from a batch of initial parameters (leading axis) in one jitted,
     vmapped call: phase 1 (diffrax, with its Event) and phase 2 (ROS2 in log-polar time)
     are pure functions of one initial point, and ``jax.vmap`` batches them.
 
     Saves the state at t0 and at the first step at or past each of ``n_saves`` log-spaced
     values of log t in [1, log_t_max], shared by all seeds. Returns one Trajectory per
-    seed (columns as ``flow``; ``meta["status"]`` per seed). On kink-free models a vmapped
+    seed (columns as ``flow``, the KKT columns only with ``kkt``; ``meta["status"]`` per
+    seed). On kink-free models a vmapped
     call gives the same numbers as separate calls (the test checks 1e-10). With sliding
     kinks, batched kernels round differently in the last bits and the solver's discrete
     decisions (which kink enters or leaves the sliding set at which step) can differ, so
@@ -399,8 +406,6 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         return t0, flat_t0, sol.stats["num_accepted_steps"], saved
 
     t0, flat_t0, p1_steps, saved = jax.jit(jax.vmap(one))(flat0)
-    diag = jax.jit(jax.vmap(diagnostics, (None, 0)))
-    kkt_batch = jax.jit(jax.vmap(kkt_columns, (None, 0)))
     out = []
     for b in range(batch):
         thetas = np.concatenate([np.asarray(flat_t0[b])[None], np.asarray(saved[0][b])])
@@ -411,9 +416,10 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
         energy = np.concatenate([[0.0], np.asarray(saved[5][b])])
         keep = np.concatenate([[True], np.diff(steps) > 0])  # drop marks passed in one step
         params = jax.vmap(unravel)(jnp.asarray(thetas[keep]))
-        d = diag(problem, params)
+        d = _diagnostics_batch(problem, params)
         columns = d.columns()
-        columns.update({k: np.asarray(v) for k, v in kkt_batch(problem, params).items()})
+        if kkt:
+            columns.update({k: np.asarray(v) for k, v in _kkt_batch(problem, params).items()})
         # the t0 record (first) has no polar state: its velocity is the autodiff one
         first = {"flow_beta": columns["beta"][0], "sliding": 0, "dlog_smoothed_dtau": math.nan,
                  "speed2": math.nan, "speed_integral": 0.0}
