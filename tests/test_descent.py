@@ -55,7 +55,7 @@ def test_constant_step_matches_a_hand_written_gradient_descent_loop(default_prob
     prob, params0 = default_problem
     lr, steps = 3e-5, 25
     traj = homoflow.descent(prob, params0, schedules.constant(lr), steps, progress=False,
-                            n_records=3)
+                            n_records=3, kkt=False)
     p = params0
     for _ in range(steps):  # theta <- theta - lr grad L, with L formed directly
         g = jax.grad(lambda z: jnp.sum(jnp.exp(-prob.margins(z))))(p)
@@ -68,7 +68,7 @@ def test_constant_step_matches_a_hand_written_gradient_descent_loop(default_prob
 def test_too_large_constant_step_stops_naming_the_iteration_and_keeps_the_record(default_problem):
     prob, params0 = default_problem
     with pytest.raises(homoflow.RunStopped, match="blew up at iteration 1") as info:
-        homoflow.descent(prob, params0, schedules.constant(0.05), 100, progress=False)
+        homoflow.descent(prob, params0, schedules.constant(0.05), 100, progress=False, kkt=False)
     traj = info.value.trajectory
     assert info.value.step == 1 and info.value.reason == "diverged"
     assert len(traj) >= 1 and traj["step"][-1] == 0  # the last good state is kept
@@ -78,13 +78,13 @@ def test_too_large_constant_step_stops_naming_the_iteration_and_keeps_the_record
 def test_non_finite_parameters_stop_the_run_and_say_so(default_problem):
     prob, params0 = default_problem
     with pytest.raises(homoflow.RunStopped, match="parameters became non-finite.*iteration 1"):
-        homoflow.descent(prob, params0, schedules.constant(1e308), 10, progress=False)
+        homoflow.descent(prob, params0, schedules.constant(1e308), 10, progress=False, kkt=False)
 
 
 def test_loss_based_scheduler_backs_off_from_a_huge_alpha(default_problem):
     prob, params0 = default_problem
     traj = homoflow.descent(prob, params0, schedules.loss_based(alpha0=1e8), 50,
-                            progress=False, n_records=10)
+                            progress=False, n_records=10, kkt=False)
     assert traj.status == "completed"
     assert traj["attempts"][-1] > traj["step"][-1] + 100  # at least log(1e8)/log(r_d) retries
     assert np.all(np.diff(traj["log_loss"]) < 0)
@@ -96,7 +96,7 @@ def test_data_that_never_separates_is_reported_without_margin_claims():
     prob = make_problem(models.linear(2), losses.exponential(), X, y)
     with pytest.warns(UserWarning, match="never fell below the separability threshold"):
         traj = homoflow.descent(prob, models.linear(2).init(jax.random.PRNGKey(0)),
-                                schedules.loss_based(), 300, progress=False)
+                                schedules.loss_based(), 300, progress=False, kkt=False)
     s = traj.summary()
     assert s["status"] == "not_separated" and not s["separated"]
     assert "normalized_margin" not in s and traj.meta["t0_step"] is None

@@ -29,7 +29,7 @@ def _linear_problem(model):
 def linear_flow():
     prob, X, y = _linear_problem(models.linear(5))
     traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=1e6, n_saves=30,
-                h_max=0.005, progress=False)
+                h_max=0.005, progress=False, kkt=False)
     return prob, X, y, traj
 
 
@@ -37,7 +37,8 @@ def linear_flow():
 def deep_linear_flow():
     prob, _, _ = _linear_problem(models.deep_linear((5, 4, 4, 1)))
     traj = flow(prob, prob.model.init(jax.random.PRNGKey(0)), log_t_max=100.0, n_saves=15,
-                rtol=1e-10, atol=1e-12, polar_rtol=1e-10, polar_atol=1e-10, progress=False)
+                rtol=1e-10, atol=1e-12, polar_rtol=1e-10, polar_atol=1e-10, progress=False,
+                kkt=False)
     return prob, traj
 
 
@@ -175,9 +176,9 @@ def test_descent_approaches_the_flow_linearly_in_the_step_size():
         warnings.simplefilter("ignore")  # T = 2 is before t0: "not separated" is expected
         for eta in etas:
             gd = homoflow.descent(prob, params0, schedules.constant(eta), int(round(T / eta)),
-                                  progress=False, n_records=5)
+                                  progress=False, n_records=5, kkt=False)
             fl = flow(prob, params0, log_t_max=2.5, save_t=np.exp(gd["log_T"][1:]), rtol=1e-12,
-                      atol=1e-14, n_saves=3, progress=False)
+                      atol=1e-14, n_saves=3, progress=False, kkt=False)
             aligned = align(gd, fl)
             assert aligned["log_T"][-1] == pytest.approx(math.log(T), rel=1e-12)
             dist.append(aligned["param_distance"][-1])
@@ -228,7 +229,7 @@ def test_flow_on_data_that_never_separate_stops_at_the_time_limit_and_says_so():
     prob = make_problem(models.linear(2), losses.exponential(), X, np.array([1.0, -1.0, 1.0]))
     with pytest.warns(UserWarning, match="never fell below the separability threshold"):
         traj = flow(prob, models.linear(2).init(jax.random.PRNGKey(0)), log_t_max=10.0,
-                    t0_limit=1e3, progress=False)
+                    t0_limit=1e3, progress=False, kkt=False)
     assert traj.status == "not_separated" and set(traj["phase"]) == {1}
 
 
@@ -262,11 +263,11 @@ def test_flow_vmapped_over_seeds_gives_the_numbers_of_separate_calls():
 
     prob, _, _ = _linear_problem(models.linear(5))
     batch = jax.vmap(prob.model.init)(jax.random.split(jax.random.PRNGKey(0), 2))
-    together = flow_batch(prob, batch, log_t_max=300.0, n_saves=10)
+    together = flow_batch(prob, batch, log_t_max=300.0, n_saves=10, kkt=False)
     assert together[0]["step"][-1] != together[1]["step"][-1]   # the lanes end apart
     for b, traj in enumerate(together):
         alone = flow_batch(prob, jax.tree_util.tree_map(lambda p: p[jnp.array([b, b])], batch),
-                           log_t_max=300.0, n_saves=10)[0]
+                           log_t_max=300.0, n_saves=10, kkt=False)[0]
         assert traj.meta["status"] == alone.meta["status"] == "completed"
         np.testing.assert_array_equal(traj["step"], alone["step"])
         assert traj["log_T"][-1] >= 300
