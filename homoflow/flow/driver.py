@@ -363,12 +363,12 @@ def flow_batch(problem: Problem, params0, *, log_t_max: float = 20.0, n_saves: i
     Saves the state at t0 and at the first step at or past each of ``n_saves`` log-spaced
     values of log t in [1, log_t_max], shared by all seeds. Returns one Trajectory per
     seed (columns as ``flow``, the KKT columns only with ``kkt``; ``meta["status"]`` per
-    seed). On kink-free models a vmapped
-    call gives the same numbers as separate calls (the test checks 1e-10). With sliding
-    kinks, batched kernels round differently in the last bits and the solver's discrete
-    decisions (which kink enters or leaves the sliding set at which step) can differ, so
-    batched and separate runs agree only to the solve's accuracy (measured: normalized
-    margins to ~1e-4 at log t = 100 on a width-20 ReLU net).
+    seed). On kink-free models a vmapped call gives the same numbers as separate calls
+    (the test checks 1e-10). With sliding kinks, batched kernels round differently in the
+    last bits and the solver's discrete decisions (which kink enters or leaves the sliding
+    set at which step) can differ, so batched and separate runs agree only to the solve's
+    accuracy (measured: normalized margins to ~1e-4 at log t = 100 on a width-20 ReLU
+    net).
     """
     p1_cfg = Phase1Config(rtol=rtol, atol=atol, t0_limit=t0_limit, max_steps=max_steps)
     cfg = PolarConfig(rtol=polar_rtol, atol=polar_atol, h_max=h_max, stiff_ref=stiff_ref,
