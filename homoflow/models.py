@@ -374,6 +374,7 @@ def cnn(input_shape: Sequence[int], channels: Sequence[int] = (8, 16), kernel=3,
     n_groups = len(channels) + 2
     orders = (1.0,) * n_groups
     window = (1,) + (pool,) * dims + (1,)
+
     def max_pool(h):
         return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, window, window, "VALID")
 

@@ -20,11 +20,12 @@ if "HOMOFLOW_TEST_JAX_CACHE" not in os.environ:
     # default problem's Clarke KKT program 5.0 -> 4.1 s) and run as fast (quick paper-cnn
     # experiment 35 -> 33 s), measured with jaxlib 0.10.2 on 2 cores. An XLA without the
     # flag aborts on it, so it is set only where a child process accepts it; the
-    # library and the CLI leave XLA's defaults alone. HOMOFLOW_TEST_XLA_DEFAULTS=1 opts out.
-    _flag = "--xla_cpu_use_fusion_emitters=false"
+    # library and the CLI leave XLA's defaults alone. HOMOFLOW_TEST_XLA_DEFAULTS=1 opts out,
+    # and a setting of this flag already in XLA_FLAGS (either value) is left as it is.
+    _flag = "--xla_cpu_use_fusion_emitters"
     if os.environ.get("HOMOFLOW_TEST_XLA_DEFAULTS", "") in ("", "0") and \
             _flag not in os.environ.get("XLA_FLAGS", ""):
-        _flags = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+        _flags = (os.environ.get("XLA_FLAGS", "") + f" {_flag}=false").strip()
         _probe = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1) + 1"],
                                 env={**os.environ, "XLA_FLAGS": _flags}, capture_output=True)
         if _probe.returncode == 0:
