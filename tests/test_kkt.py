@@ -6,7 +6,7 @@ import pytest
 import scipy.optimize
 from conftest import hard_margin_svm
 
-from homoflow import data, descent, losses, models, schedules
+from homoflow import data, descent, kkt, losses, models, schedules
 from homoflow.flow import flow
 from homoflow.kkt import (
     angle,
@@ -54,13 +54,18 @@ def test_nnls_agrees_with_scipy_on_random_and_degenerate_instances():
 
 def test_nnls_gram_agrees_with_scipy_on_random_and_degenerate_instances():
     """From G = A^T A and g = A^T b only: the residual ||A x - b|| (computed from A) equals
-    SciPy's to 1e-8 relative, degenerate instances (zero, duplicate columns) included."""
+    SciPy's to 1e-8 relative, degenerate instances (zero, duplicate columns) included; and
+    block pivoting, its solver, converges on every instance without the Lawson-Hanson
+    fallback (which would hide a block-pivoting defect behind a correct answer)."""
     solve = jax.jit(nnls_gram)
+    pivoting = jax.jit(lambda G, g, b_norm: kkt._block_pivoting(
+        G, g, *kkt._gram_setup(G, g, b_norm, None, None))[1])
     for A, b in _instances(seed=2):
         x = np.asarray(solve(jnp.asarray(A.T @ A), jnp.asarray(A.T @ b), np.linalg.norm(b)))
         _, rs = scipy.optimize.nnls(A, b)
         assert np.all(x >= 0)
         assert abs(np.linalg.norm(A @ x - b) - rs) <= 1e-8 * max(1.0, rs)
+        assert bool(pivoting(jnp.asarray(A.T @ A), jnp.asarray(A.T @ b), np.linalg.norm(b)))
 
 
 def _linear_problem():
