@@ -149,7 +149,7 @@ def _block_pivoting(G, g, passive_solve, tol, max_iter: int):
         V = infeasible(F, x)
         n_v = jnp.sum(V)
         better = n_v < n_best
-        backup = jnp.where(better, 3, backup - (~better))
+        backup = jnp.where(better, 3, backup - 1)
         single = V & (idx == jnp.max(jnp.where(V, idx, -1)))
         F = F ^ jnp.where(backup >= 0, V, single)
         return F, passive_solve(F), jnp.minimum(n_v, n_best), jnp.maximum(backup, -1), it + 1
