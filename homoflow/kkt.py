@@ -90,31 +90,33 @@ def nnls_gram(G: jax.Array, g: jax.Array, b_norm=1.0, tol: float | None = None,
               max_iter: int | None = None) -> jax.Array:
     """``nnls`` from the normal equations: min_x>=0 ||A x - b|| given only G = A^T A and
     g = A^T b (and ||b||, for the tolerance), i.e. min 1/2 x^T G x - g^T x over x >= 0.
-    Block principal pivoting (``_block_pivoting``; Lawson-Hanson, as ``nnls``, if it has
-    not converged in ``max_iter``), each passive solve a K x K system on G_PP instead of a
-    least squares on the m x K matrix A_P, so the cost no longer depends on m (here m = P,
-    the number of parameters). Conditioning is that of G (cond(A)^2): fine for
-    multipliers; compute residuals from A, not from G. Each passive solve is a Cholesky
-    factorization (ridge below), ~20x faster than the SVD that the dense version's
-    minimum-norm ``lstsq`` needs."""
+    Block principal pivoting, then Lawson-Hanson if that has not converged in
+    ``max_iter`` passive solves (``_pivoting_nnls``); each passive solve a K x K system on
+    G_PP instead of a least squares on the m x K matrix A_P, so the cost no longer depends
+    on m (here m = P, the number of parameters). Conditioning is that of G (cond(A)^2):
+    fine for multipliers; compute residuals from A, not from G. Each passive solve is a
+    Cholesky factorization (ridge below), ~20x faster than the SVD that the dense
+    version's minimum-norm ``lstsq`` needs."""
     n = G.shape[0]
-    solve, tol, max_iter = _gram_setup(G, g, b_norm, tol, max_iter)
-    x, converged = _block_pivoting(G, g, solve, tol, max_iter)
-    return jax.lax.cond(converged, lambda: x, lambda: _lawson_hanson(
-        n, G.dtype, solve, lambda x: g - G @ x, tol, max_iter))
+    max_iter = 3 * n if max_iter is None else int(max_iter)
+    return _pivoting_nnls(G, g, _gram_solve(G, g), _gram_tol(G, b_norm, tol), max_iter)[0]
 
 
-def _gram_setup(G, g, b_norm, tol, max_iter):
-    """``nnls_gram``'s passive solve, dual tolerance and iteration cap."""
-    n = G.shape[0]
+def _gram_tol(G, b_norm, tol):
+    """``nnls_gram``'s dual tolerance: 10 eps K max_k ||a_k|| max(||b||, 1) (as SciPy's)."""
+    if tol is not None:
+        return tol
     col = jnp.sqrt(jnp.maximum(jnp.diag(G), 0.0))
-    tol = 10 * jnp.finfo(G.dtype).eps * n * jnp.max(col) * jnp.maximum(b_norm, 1.0) \
-        if tol is None else tol
+    return 10 * jnp.finfo(G.dtype).eps * G.shape[0] * jnp.max(col) * jnp.maximum(b_norm, 1.0)
+
+
+def _gram_solve(G, g):
+    """``nnls_gram``'s passive solve: G_PP z_P = g_P by Cholesky, zero off P."""
     # A ridge of 1e-13 max G_kk keeps the Cholesky factor finite when passive columns are
     # duplicate or zero (then it picks a near-minimum-norm solution); two refinement steps
     # remove its bias wherever G_PP is regular.
     ridge = 1e-13 * jnp.max(jnp.diag(G)) + jnp.finfo(G.dtype).tiny
-    eye = jnp.eye(n, dtype=G.dtype)
+    eye = jnp.eye(G.shape[0], dtype=G.dtype)
 
     def passive_cholesky(P):
         G_P = jnp.where(P[:, None] & P[None, :], G, 0.0)
@@ -125,43 +127,69 @@ def _gram_setup(G, g, b_norm, tol, max_iter):
             z = z + jax.scipy.linalg.cho_solve(factor, g_P - G_P @ z)
         return jnp.where(P, z, 0.0)
 
-    return passive_cholesky, tol, 3 * n if max_iter is None else max_iter
+    return passive_cholesky
 
 
-def _block_pivoting(G, g, passive_solve, tol, max_iter: int):
-    """min 1/2 x^T G x - g^T x over x >= 0 by block principal pivoting (Judice and Pires
-    1994; Kim and Park 2011, alg. 2): from the passive set F, x_F solves G_FF x_F = g_F and
-    y = G x - g off F; every infeasible index (x_i < 0 on F, y_i < -tol off F) changes side
-    at once while their number falls, with Murty's single exchange (the largest infeasible
-    index) as the backup rule after three non-improving exchanges, which makes it finite.
-    It needs a few passive solves where Lawson-Hanson needs at least one per support
-    element: on the default run's KKT instances (supports of 30-50) 0.5 ms against 3.5 ms,
-    with the same final passive set, hence the same x. Returns (x, converged);
-    ``nnls_gram`` falls back on Lawson-Hanson if it has not converged in ``max_iter``."""
+def _pivoting_nnls(G, g, passive_solve, tol, max_iter: int, pivoting: bool = True):
+    """min 1/2 x^T G x - g^T x over x >= 0, one loop with one passive solve per step.
+
+    First block principal pivoting (Judice and Pires 1994; Kim and Park 2011, alg. 2): F
+    is the passive set, z_F solves G_FF z_F = g_F, and every infeasible index (z_i <= 0 on
+    F, (G z - g)_i < -tol off F) changes side at once while their number falls, with
+    Murty's single exchange (the largest infeasible index) as the backup rule after three
+    non-improving exchanges. It needs a few passive solves where Lawson-Hanson needs at
+    least one per support element: on the default run's KKT instances (supports of 30-50)
+    0.5 ms against 3.5 ms, with the same final passive set, hence the same x. Block
+    pivoting is proven finite only for positive definite G, so after ``max_iter`` steps
+    without convergence (or from the start, with ``pivoting=False``) the same loop
+    restarts as Lawson and Hanson's active-set method (``_lawson_hanson``: one index
+    enters at a time, the inner steps move back to the feasible boundary) for
+    ``max_iter`` more. Both phases share the loop body's one passive solve, so the
+    compiled program holds one Cholesky, not two (the fallback as a second loop cost
+    ~60 % more compile time). Returns (x, steps): steps <= max_iter iff pivoting alone
+    converged."""
     n = G.shape[0]
     idx = jnp.arange(n)
+    switch = max_iter if pivoting else 0
 
-    def infeasible(F, x):
-        return jnp.where(F, x < 0, (G @ x - g) < -tol)
+    def infeasible(F, z, y):   # y = G z - g
+        return jnp.where(F, z <= 0, y < -tol)
 
     def body(carry):
-        F, x, n_best, backup, it = carry
-        V = infeasible(F, x)
+        F, x, z, y, n_best, backup, it = carry
+        restart = it == switch          # Lawson-Hanson from x = 0, F = {}
+        F, x, z, y = (jnp.where(restart, False, F), jnp.where(restart, 0.0, x),
+                      jnp.where(restart, 0.0, z), jnp.where(restart, -g, y))
+        # block pivoting
+        V = infeasible(F, z, y)
         n_v = jnp.sum(V)
         better = n_v < n_best
         backup = jnp.where(better, 3, backup - 1)
         single = V & (idx == jnp.max(jnp.where(V, idx, -1)))
-        F = F ^ jnp.where(backup >= 0, V, single)
-        return F, passive_solve(F), jnp.minimum(n_v, n_best), jnp.maximum(backup, -1), it + 1
+        F_piv = F ^ jnp.where(backup >= 0, V, single)
+        # Lawson-Hanson: an inner step back to the boundary, or a new index
+        neg = F & (z <= 0)
+        ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
+        x_in = x + jnp.min(ratio) * (z - x)
+        F_in = F & (x_in > tol)
+        inner = jnp.any(neg)
+        F_lh = jnp.where(inner, F_in, F | (idx == jnp.argmax(jnp.where(F, -jnp.inf, -y))))
+        x_lh = jnp.where(inner, jnp.where(F_in, x_in, 0.0), z)
+        lh = it >= switch
+        F = jnp.where(lh, F_lh, F_piv)
+        z = passive_solve(F)
+        return (F, jnp.where(lh, x_lh, x), z, G @ z - g, jnp.minimum(n_v, n_best),
+                jnp.maximum(backup, -1), it + 1)
 
     def cond(carry):
-        F, x, _, _, it = carry
-        return jnp.any(infeasible(F, x)) & (it < max_iter)
+        F, _, z, y, _, _, it = carry
+        return jnp.any(infeasible(F, z, y)) & (it < switch + max_iter)
 
-    F0 = jnp.zeros(n, bool)
-    F, x, _, _, _ = jax.lax.while_loop(
-        cond, body, (F0, jnp.zeros(n, G.dtype), jnp.asarray(n + 1), jnp.asarray(3), 0))
-    return jnp.where(F, x, 0.0), ~jnp.any(infeasible(F, x))
+    zeros = jnp.zeros(n, G.dtype)
+    F, _, z, _, _, _, it = jax.lax.while_loop(
+        cond, body, (jnp.zeros(n, bool), zeros, zeros, -g, jnp.asarray(n + 1), jnp.asarray(3),
+                     jnp.asarray(0)))
+    return jnp.where(F, jnp.maximum(z, 0.0), 0.0), it
 
 
 class KKTResidual(NamedTuple):

@@ -1,3 +1,5 @@
+from functools import partial
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -54,18 +56,28 @@ def test_nnls_agrees_with_scipy_on_random_and_degenerate_instances():
 
 def test_nnls_gram_agrees_with_scipy_on_random_and_degenerate_instances():
     """From G = A^T A and g = A^T b only: the residual ||A x - b|| (computed from A) equals
-    SciPy's to 1e-8 relative, degenerate instances (zero, duplicate columns) included; and
-    block pivoting, its solver, converges on every instance without the Lawson-Hanson
-    fallback (which would hide a block-pivoting defect behind a correct answer)."""
+    SciPy's to 1e-8 relative, degenerate instances (zero, duplicate columns) included.
+    Both phases of its loop are checked: block pivoting converges on every instance
+    without the Lawson-Hanson phase (which would hide a pivoting defect behind a correct
+    answer), and the Lawson-Hanson phase alone (``pivoting=False``) gets the same
+    residual."""
     solve = jax.jit(nnls_gram)
-    pivoting = jax.jit(lambda G, g, b_norm: kkt._block_pivoting(
-        G, g, *kkt._gram_setup(G, g, b_norm, None, None))[1])
+
+    @partial(jax.jit, static_argnums=3)
+    def phases(G, g, b_norm, pivoting):
+        return kkt._pivoting_nnls(G, g, kkt._gram_solve(G, g), kkt._gram_tol(G, b_norm, None),
+                                  3 * G.shape[0], pivoting)
+
     for A, b in _instances(seed=2):
-        x = np.asarray(solve(jnp.asarray(A.T @ A), jnp.asarray(A.T @ b), np.linalg.norm(b)))
+        G, g, b_norm = jnp.asarray(A.T @ A), jnp.asarray(A.T @ b), np.linalg.norm(b)
         _, rs = scipy.optimize.nnls(A, b)
-        assert np.all(x >= 0)
-        assert abs(np.linalg.norm(A @ x - b) - rs) <= 1e-8 * max(1.0, rs)
-        assert bool(pivoting(jnp.asarray(A.T @ A), jnp.asarray(A.T @ b), np.linalg.norm(b)))
+        x = np.asarray(solve(G, g, b_norm))
+        x_lh, _ = phases(G, g, b_norm, False)
+        _, steps = phases(G, g, b_norm, True)
+        assert int(steps) <= 3 * A.shape[1]   # no step of the Lawson-Hanson phase
+        for x in (x, np.asarray(x_lh)):
+            assert np.all(x >= 0)
+            assert abs(np.linalg.norm(A @ x - b) - rs) <= 1e-8 * max(1.0, rs)
 
 
 def _linear_problem():
