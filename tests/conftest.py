@@ -15,21 +15,6 @@ import tempfile
 if "HOMOFLOW_TEST_JAX_CACHE" not in os.environ:
     os.environ["HOMOFLOW_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="homoflow-test-jax-")
     atexit.register(shutil.rmtree, os.environ["HOMOFLOW_TEST_JAX_CACHE"], True)
-    # XLA-CPU's loop-and-elemental emitters instead of its newer fusion emitters: the same
-    # programs compile ~25 % faster (tests/test_kkt.py on a cold cache: 121 -> 91 s; the
-    # default problem's Clarke KKT program 5.0 -> 4.1 s) and run as fast (quick paper-cnn
-    # experiment 35 -> 33 s), measured with jaxlib 0.10.2 on 2 cores. An XLA without the
-    # flag aborts on it, so it is set only where a child process accepts it; the
-    # library and the CLI leave XLA's defaults alone. HOMOFLOW_TEST_XLA_DEFAULTS=1 opts out,
-    # and a setting of this flag already in XLA_FLAGS (either value) is left as it is.
-    _flag = "--xla_cpu_use_fusion_emitters"
-    if os.environ.get("HOMOFLOW_TEST_XLA_DEFAULTS", "") in ("", "0") and \
-            _flag not in os.environ.get("XLA_FLAGS", ""):
-        _flags = (os.environ.get("XLA_FLAGS", "") + f" {_flag}=false").strip()
-        _probe = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1) + 1"],
-                                env={**os.environ, "XLA_FLAGS": _flags}, capture_output=True)
-        if _probe.returncode == 0:
-            os.environ["XLA_FLAGS"] = _flags
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["HOMOFLOW_TEST_JAX_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -49,6 +34,47 @@ from homoflow.problem import make_problem  # noqa: E402
 
 # in-process CLI calls leave this process's JAX without a persistent compilation cache
 os.environ.setdefault("HOMOFLOW_NO_COMPILE_CACHE", "1")
+
+# XLA flags for the test session only (the library and the CLI leave XLA's defaults alone),
+# measured with jaxlib 0.10.2 on 2 cores:
+#  - the loop-and-elemental emitters instead of the newer fusion emitters: the same
+#    programs compile ~25 % faster (tests/test_kkt.py on a cold cache 121 -> 91 s) and run
+#    as fast;
+#  - LLVM without its optimization passes: the default problem's Clarke KKT program
+#    compiles in 1.5 s instead of 4.4 s, and XLA's compilation is most of this suite's
+#    time (per file: test_kkt 131 -> 77 worker-s, test_descent 71 -> 41, test_cli 56 ->
+#    28). The code it makes runs slower where a test really computes (the quick CNN
+#    experiment 4x), so the checks that compute (-m slow) keep XLA's level, and the quick
+#    experiment runs in a subprocess at XLA's level (``xla_optimized_env``).
+# Set in the process that starts the xdist workers, before they start, and only where a
+# child process accepts them (an XLA that does not know a flag aborts). A flag already in
+# XLA_FLAGS (either value) is left as given; HOMOFLOW_TEST_XLA_DEFAULTS=1 sets none.
+_FUSION, _OPT_LEVEL = "--xla_cpu_use_fusion_emitters", "--xla_backend_optimization_level"
+
+
+def pytest_configure(config):
+    if os.environ.get("HOMOFLOW_TEST_XLA_DEFAULTS", "") not in ("", "0"):
+        return
+    mark = config.option.markexpr or ""
+    computes = "slow" in mark and "not slow" not in mark
+    wanted = {_FUSION: "false"} if computes else {_FUSION: "false", _OPT_LEVEL: "0"}
+    current = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join([current] + [f"{k}={v}" for k, v in wanted.items() if k not in current])
+    if flags.strip() == current.strip():
+        return
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1) + 1"],
+                           env={**os.environ, "XLA_FLAGS": flags}, capture_output=True)
+    if probe.returncode == 0:
+        os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def xla_optimized_env(env=None) -> dict:
+    """``env`` (default os.environ) with this session's optimization-level flag removed from
+    XLA_FLAGS: for a subprocess whose test time is computing, not compiling."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith(_OPT_LEVEL + "="))
+    return env
 
 # float64 tolerances used throughout (stated per test where they differ)
 RTOL_F64 = 1e-9

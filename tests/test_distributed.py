@@ -86,7 +86,10 @@ def _launch(out: Path, kill: bool = False):
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid), "GRID": json.dumps(GRID),
                "MAX_BATCH": str(MAX_BATCH), "PYTHONPATH": str(ROOT)}
-        env.pop("XLA_FLAGS", None)   # one CPU device per process
+        # one CPU device per process, compiled with this session's other XLA flags (the
+        # one-process table was, and the tables are compared bit for bit)
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if "device_count" not in f)
         procs.append(subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(out), "1" if kill else "0"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))

@@ -2,14 +2,19 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from homoflow import check_homogeneity, data, losses, make_problem, models
-from homoflow.cli import main
 from homoflow.experiments import paper_cnn
+
+from conftest import xla_optimized_env
 
 try:  # MNIST is the optional mnist extra; without it the quick run uses the digits
     from homoflow import mnist as _mnist
@@ -17,6 +22,7 @@ try:  # MNIST is the optional mnist extra; without it the quick run uses the dig
     HAVE_MNIST = True
 except ImportError:
     HAVE_MNIST = False
+ROOT = str(Path(__file__).resolve().parents[1])
 QUICK_DATA = [] if HAVE_MNIST else ["--data", "digits"]
 # the configuration the quick run below uses (the digits variant trains for more epochs)
 QUICK = paper_cnn.preset(quick=True, data=None if HAVE_MNIST else "digits")
@@ -45,19 +51,46 @@ class _StopAfter:
         return self.left <= 0
 
 
+# the fixture's process: the quick run, interrupted after epoch STOP_AT (what it leaves is
+# copied aside), then resumed to the end by the CLI; exit status 0 iff every CLI call
+# returned what the fixture expects
+_QUICK_RUN = r"""
+import json, shutil, sys
+from pathlib import Path
+import jax
+jax.config.update("jax_enable_x64", True)
+from test_experiment import QUICK, QUICK_DATA, STOP_AT, _StopAfter
+from homoflow.cli import main
+from homoflow.experiments import paper_cnn
+out, part_dir = Path(sys.argv[1]), Path(sys.argv[2])
+part = paper_cnn.run(QUICK, out, progress=False, log=lambda _: None, stop=_StopAfter(STOP_AT))
+shutil.copytree(out, part_dir)
+(part_dir.parent / "part_status.json").write_text(json.dumps(part["status"]))
+args = ["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress", *QUICK_DATA]
+codes = main(args), main(args + ["--resume"])
+sys.exit(0 if codes == (2, 0) else f"CLI exit codes {codes}, expected (2, 0): a non-empty "
+         "--out needs --resume, which then finishes the run")
+"""
+
+
 @pytest.fixture(scope="module")
 def interrupted_then_quick(tmp_path_factory):
     """The quick experiment, interrupted after epoch STOP_AT of its first run (what the
-    interrupted directory holds is copied aside), then resumed to the end by the CLI."""
-    out = tmp_path_factory.mktemp("paper_cnn")
-    part = paper_cnn.run(QUICK, out, progress=False, log=lambda _: None,
-                         stop=_StopAfter(STOP_AT))
-    saved = {"result": part, "summary": json.loads((out / "summary.json").read_text()),
-             "loaded": paper_cnn.load(out), "files": sorted(p.name for p in out.iterdir())}
-    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress",
-                 *QUICK_DATA]) == 2   # a non-empty --out needs --resume
-    assert main(["experiment", "paper-cnn", "--quick", "--out", str(out), "--no-progress",
-                 "--resume", *QUICK_DATA]) == 0
+    interrupted directory holds is copied aside), then resumed to the end by the CLI. It
+    runs in a subprocess at XLA's own optimization level: this session compiles without
+    LLVM's optimizations (tests/conftest.py), which makes a CNN's training ~4x slower."""
+    base = tmp_path_factory.mktemp("paper_cnn")
+    out, part_dir = base / "run", base / "interrupted"
+    env = xla_optimized_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), ROOT,
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _QUICK_RUN, str(out), str(part_dir)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = {"result": {"status": json.loads((base / "part_status.json").read_text())},
+             "summary": json.loads((part_dir / "summary.json").read_text()),
+             "loaded": paper_cnn.load(part_dir),
+             "files": sorted(p.name for p in part_dir.iterdir())}
     return saved, out
 
 
