@@ -1,5 +1,6 @@
-"""Time the KKT residual's NNLS on the default problem: homoflow's Gram-form Lawson-Hanson
-(``kkt.nnls_gram``, jitted) against the dense jittable version (``kkt.nnls``) and SciPy's
+"""Time the KKT residual's NNLS on the default problem: homoflow's Gram-form solver (block
+principal pivoting, ``kkt.nnls_gram``, jitted) against the dense jittable Lawson-Hanson
+(``kkt.nnls``) and SciPy's
 ``scipy.optimize.nnls``, on the same instance, measured in the same run; also the whole
 ``kkt_residual`` per call, autodiff's selection against the Clarke residual
 (``selection="clarke"``, the default: IPM + active-set QP over the kinks' Clarke intervals)

@@ -116,6 +116,19 @@ def test_an_interrupted_experiment_writes_its_records_with_status_interrupted(
     assert "table1.md" not in saved["files"] and saved["loaded"]["radii"] == {}
 
 
+def test_an_interrupted_experiment_plots_every_figure_without_warnings(
+        interrupted_then_quick, tmp_path):
+    """The interrupted directory holds one run and no radii: every figure is still drawn,
+    and no panel asks matplotlib for a legend without labelled lines (a UserWarning)."""
+    import warnings
+
+    saved, _ = interrupted_then_quick
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = paper_cnn.plot(saved["loaded"], tmp_path, np.linspace(0.0, 1.0, 5))
+    assert len(paths) == 4 and all(p.stat().st_size > 0 for p in paths)
+
+
 def test_quick_experiment_writes_table_records_curves_and_figures(quick):
     for name in ("table1.md", "table1.csv", "robustness.csv", "radii.npz", "summary.json",
                  "checkpoints.npz",

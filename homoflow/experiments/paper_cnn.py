@@ -679,6 +679,13 @@ def load_checkpoint(out, label: str = "model-4"):
 _STYLE = {"no_bias": ("C0", "CNN without bias"), "bias": ("C3", "CNN with bias")}
 
 
+def _legend(ax, **kw):
+    """A legend where the axes hold labelled lines (a run that stopped early may draw none
+    on a panel; matplotlib warns on an empty legend)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def plot(result: dict, out: Path, eps) -> list[Path]:
     """Figures 1, 3/4, 7 and 8 of the paper, from this run's records."""
     import matplotlib
@@ -708,7 +715,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
                          title=f"SGD, {schedule.replace('_', '-')} step")
         axes[row, 1].set(xlabel="epoch", ylabel="normalized margin q_min / prod ||W_i||")
         axes[row, 1].axhline(0.0, color="grey", lw=0.5)
-        axes[row, 0].legend()
+        _legend(axes[row, 0])
     save(fig, "fig1_loss_margin.png")
 
     # Figures 3/4: training accuracy, eq. (2) normalized margin, alpha(t)
@@ -726,7 +733,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     axes[1].set(xlabel="epoch", ylabel="normalized margin q_min / rho^L (eq. 2)")
     axes[1].axhline(0.0, color="grey", lw=0.5)
     axes[2].set(xlabel="epoch", ylabel="relative learning rate alpha(t), eq. (26)")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     save(fig, "fig3_4_accuracy_margin_alpha.png")
 
     # Figure 7: train and test accuracy of the Table 1 run
@@ -736,7 +743,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
     ax.plot(r["epoch"], r["test_acc"], label="test")
     ax.set(xlabel="epoch", ylabel="accuracy", title="CNN without bias, loss-based SGD")
     ax.set_ylim(max(0.0, min(np.nanmin(r["test_acc"][len(r["test_acc"]) // 10:]), 0.9)), 1.001)
-    ax.legend()
+    _legend(ax)
     save(fig, "fig7_accuracy.png")
 
     # Figure 8: robust accuracy vs eps between the certificate (dashed) and the attack
@@ -755,7 +762,7 @@ def plot(result: dict, out: Path, eps) -> list[Path]:
                         ls="--", label=f"{label} certified")
             ax.set(xlim=(0, eps_max), ylim=(0, 1.01), xlabel="eps (L2)",
                    ylabel=f"robust accuracy ({which})")
-        axes[row, 0].legend(fontsize=7, ncol=2)
+        _legend(axes[row, 0], fontsize=7, ncol=2)
     fig.suptitle("L2 robustness: certified lower bound (dashed) <= truth <= attack (solid)")
     save(fig, "fig8_robustness.png")
     return paths
