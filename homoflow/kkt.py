@@ -34,6 +34,16 @@ from .diagnostics import diagnostics
 from .problem import Problem
 
 
+def _back_to_boundary(x, P, z, tol):
+    """Lawson-Hanson's inner step: from the feasible x toward the passive solution z as far
+    as x >= 0 allows, then drop the passive indices at or below ``tol``. Returns (x, P)."""
+    neg = P & (z <= 0)
+    ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
+    x = x + jnp.min(ratio) * (z - x)
+    P = P & (x > tol)
+    return jnp.where(P, x, 0.0), P
+
+
 def _lawson_hanson(n: int, dtype, passive_solve, dual, tol, max_iter: int) -> jax.Array:
     """Lawson and Hanson's active-set NNLS (1974, ch. 23) with masks, jittable and vmappable.
 
@@ -43,11 +53,7 @@ def _lawson_hanson(n: int, dtype, passive_solve, dual, tol, max_iter: int) -> ja
     solution leaves x >= 0."""
     def inner(carry):
         x, P, z, it = carry
-        neg = P & (z <= 0)
-        ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
-        x = x + jnp.min(ratio) * (z - x)
-        P = P & (x > tol)
-        x = jnp.where(P, x, 0.0)
+        x, P = _back_to_boundary(x, P, z, tol)
         return x, P, passive_solve(P), it + 1
 
     def inner_cond(carry):
@@ -168,13 +174,10 @@ def _pivoting_nnls(G, g, passive_solve, tol, max_iter: int, pivoting: bool = Tru
         single = V & (idx == jnp.max(jnp.where(V, idx, -1)))
         F_piv = F ^ jnp.where(backup >= 0, V, single)
         # Lawson-Hanson: an inner step back to the boundary, or a new index
-        neg = F & (z <= 0)
-        ratio = jnp.where(neg, x / jnp.where(neg, x - z, 1.0), jnp.inf)
-        x_in = x + jnp.min(ratio) * (z - x)
-        F_in = F & (x_in > tol)
-        inner = jnp.any(neg)
+        x_in, F_in = _back_to_boundary(x, F, z, tol)
+        inner = jnp.any(F & (z <= 0))
         F_lh = jnp.where(inner, F_in, F | (idx == jnp.argmax(jnp.where(F, -jnp.inf, -y))))
-        x_lh = jnp.where(inner, jnp.where(F_in, x_in, 0.0), z)
+        x_lh = jnp.where(inner, x_in, z)
         lh = it >= switch
         F = jnp.where(lh, F_lh, F_piv)
         z = passive_solve(F)
