@@ -8,7 +8,7 @@ process (which adds the closing KKT report, its polish and the figures).
 
 Each repeat starts from a fresh empty cache directory; the ratios of the repeats and their
 median are printed (an empty-cache run varies with the machine's load and page cache:
-12.8-27 s on one quiet 2-core machine).
+9.6-27 s on one 2-core machine).
 """
 
 from __future__ import annotations

@@ -68,6 +68,18 @@ def pytest_configure(config):
         os.environ["XLA_FLAGS"] = flags.strip()
 
 
+def host_devices_env(n: int | None, env=None) -> dict:
+    """``env`` (default os.environ) whose XLA_FLAGS keep this session's flags but ask for
+    ``n`` CPU devices (``None``: XLA's one), for a subprocess that shards or is one process
+    of a distributed run."""
+    env = dict(os.environ if env is None else env)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if n is not None:
+        flags.append(f"--xla_force_host_platform_device_count={int(n)}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
 def xla_optimized_env(env=None) -> dict:
     """``env`` (default os.environ) with this session's optimization-level flag removed from
     XLA_FLAGS: for a subprocess whose test time is computing, not compiling."""

@@ -3,7 +3,6 @@ collectives on CPU): the table equals the one-process table, only process 0 writ
 sweep whose worker was killed recomputes exactly the unfinished configurations on resume."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 
 from homoflow import sweep
+
+from conftest import host_devices_env
 
 ROOT = Path(__file__).resolve().parent.parent
 # 6 configurations in 3 batches of 2 (one per process): a kill after the first batch
@@ -82,14 +83,12 @@ def _launch(out: Path, kill: bool = False):
     port = _free_port()
     procs = []
     for pid in (0, 1):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
+        # one CPU device per process, compiled with this session's other XLA flags (the
+        # one-process table was, and the tables are compared bit for bit)
+        env = {**host_devices_env(None), "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid), "GRID": json.dumps(GRID),
                "MAX_BATCH": str(MAX_BATCH), "PYTHONPATH": str(ROOT)}
-        # one CPU device per process, compiled with this session's other XLA flags (the
-        # one-process table was, and the tables are compared bit for bit)
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if "device_count" not in f)
         procs.append(subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(out), "1" if kill else "0"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))

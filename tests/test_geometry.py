@@ -11,6 +11,8 @@ from homoflow import data, descent, geometry, losses, models, schedules
 from homoflow.kkt import angle, max_margin, polish_kkt, svm_reference
 from homoflow.problem import make_problem
 
+from conftest import host_devices_env
+
 NORMS = (1.0, 1.5, 2.0, 3.0, math.inf)
 
 
@@ -275,12 +277,9 @@ print(json.dumps({"max_rel": err, "rows": rows}))
 @pytest.mark.slow  # ~17 s, a fresh process: the sharded sweep itself is tested in test_sweep
 def test_sweep_shards_steepest_descent_policies_over_8_host_devices():
     import json
-    import os
     import subprocess
     import sys
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + " --xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
+    env = {**host_devices_env(8), "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
     res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -3,7 +3,6 @@ an interrupted sweep resumes without recomputing, bad input fails before any com
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import pytest
 import homoflow
 from homoflow import losses, models, schedules, sweep
 from homoflow.cli import main
+
+from conftest import host_devices_env
 
 TINY = {"n": 12, "dim": 3, "width": 5, "steps": 300, "n_records": 12}
 COLS = ("log_loss", "log_T", "log_lr", "rho", "smoothed_margin", "normalized_margin",
@@ -108,9 +109,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_sweep_on_8_host_devices_equals_unsharded():
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-           + " --xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
+    env = {**host_devices_env(8), "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
     res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
