@@ -153,6 +153,24 @@ def test_minibatch_sgd_runs_epochs_and_accumulates_T_per_update():
     assert traj["log_T"][-1] == pytest.approx(math.log(30 * 4 * 0.05), rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:the loss never fell")  # 3 epochs, before t0
+def test_sgd_records_without_the_gradient_keep_every_other_column():
+    """``record_gradient=False`` (the paper-CNN's per-epoch records): the same run, beta
+    NaN, every other column equal; the final message still gives ||grad log L||."""
+    X, y = data.linearly_separable(40, 5, 2)
+    model = models.mlp((5, 16, 1))
+    prob = make_problem(model, losses.logistic(), X, y)
+    runs = [homoflow.descent(prob, model.init(jax.random.PRNGKey(0)), schedules.loss_based(),
+                             3, batch_size=10, progress=False, record_at=range(1, 4),
+                             kkt=False, record_gradient=g) for g in (True, False)]
+    full, light = runs
+    assert np.all(np.isnan(light["beta"])) and np.all(np.isfinite(full["beta"]))
+    for name in ("log_loss", "q_min", "normalized_margin", "smoothed_margin", "attempts"):
+        np.testing.assert_array_equal(light[name], full[name], err_msg=name)
+    assert light.meta["message"] == full.meta["message"] and "||grad log L|| = " in \
+        full.meta["message"]
+
+
 @pytest.mark.filterwarnings("ignore:the loss never fell")  # short runs, before t0
 def test_optax_adam_decreases_the_loss_and_T_uses_the_injected_learning_rate(default_problem):
     prob, params0 = default_problem

@@ -101,6 +101,20 @@ def test_recorded_columns_equal_a_fresh_diagnostics_call(separated_run):
         assert traj[name][i] == pytest.approx(float(getattr(d, name)), rel=1e-12)
 
 
+def test_diagnostics_without_the_gradient_differ_only_in_its_columns(separated_run):
+    """``gradient=False`` (descent's ``record_gradient=False``) skips the backward pass:
+    beta and the gradient norm are NaN, every other field is the same computation."""
+    prob, traj = separated_run
+    p, t0 = _snapshot(traj, len(traj) - 1), jnp.asarray(traj.meta["log_loss_t0"])
+    full, light = diagnostics(prob, p, t0), diagnostics(prob, p, t0, gradient=False)
+    for name, value in full._asdict().items():
+        if name in ("beta", "grad_norm_log_loss"):
+            assert np.isnan(getattr(light, name)) and np.isfinite(value)
+        else:
+            np.testing.assert_allclose(getattr(light, name), value, rtol=1e-12, atol=0,
+                                       equal_nan=True, err_msg=name)
+
+
 def test_beta_and_support_count_match_numpy():
     prob = _problem(models.mlp((5, 16, 1)), losses.exponential())
     p = prob.model.init(jax.random.PRNGKey(3))
