@@ -60,7 +60,9 @@ class Policy:
     # None: log_lr + log L
     log_scale: Callable[[Any, jax.Array, T0Info, float], jax.Array] | None = None
     # (state, radial) -> state, applied before each attempt with radial = <theta/rho,
-    # -grad log L> (the loss-based scheduler's cap); None: no limit
+    # -grad log L> (the loss-based scheduler's cap); None: no limit. For a retrying policy
+    # the SGD engine applies it only at a streak's first attempt: a failed attempt's
+    # ``update`` must keep the state within the limit (the loss-based one divides alpha)
     limit: Callable[[Any, jax.Array], Any] | None = None
 
     def step_logs(self, state, log_loss, t0, order):

@@ -71,6 +71,11 @@ def test_radial_cap_limits_alpha_to_c_over_the_squared_radial_derivative():
     # the growth after an accepted step starts from the capped alpha
     grown = p.update(capped, jnp.asarray(True))
     assert float(grown.log_alpha) == pytest.approx(math.log(0.5 / 16.0 * 2 ** 0.2), rel=1e-14)
+    # a failed attempt's alpha stays within the cap of the same iterate: the SGD engine
+    # skips the cap (and its full-batch jvp) on retries, which relies on this
+    failed = p.update(capped, jnp.asarray(False))
+    assert float(failed.log_alpha) < float(capped.log_alpha)
+    assert float(p.limit(failed, jnp.asarray(4.0)).log_alpha) == float(failed.log_alpha)
 
 
 def test_steepest_wraps_the_step_rule_with_its_multiple_and_cap():
