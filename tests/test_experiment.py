@@ -325,3 +325,28 @@ def test_float32_forward_tracks_the_float64_run():
     # parameters drift by a few 1e-6 relative, which moves log10 L by far less than 1e-3
     assert np.all(np.abs(a - b) <= 1e-3 * np.maximum(1.0, np.abs(a))), (a, b)
     assert a[-1] < a[0] and b[-1] < b[0]
+
+
+def test_margin_ablation_reads_the_first_epoch_below_each_threshold(tmp_path, capsys):
+    """benchmarks/margin_ablation.py: the margin at the first epoch below each threshold,
+    ratios against the first threshold, '-' for a threshold a run never reached."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "margin_ablation.py"
+    spec = importlib.util.spec_from_file_location("margin_ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "epochs_no_bias_loss_based.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["epoch", "log10_loss", "normalized_margin"])
+        w.writeheader()
+        w.writerows([{"epoch": e, "log10_loss": -e, "normalized_margin": 0.001 * e}
+                     for e in range(0, 31)])   # log10 L = -epoch: 10^-10 first below at 11
+    assert ablation.main([f"toy={run}", "--thresholds", "-10", "-20", "-40",
+                          "--out", str(tmp_path / "r.json")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| toy"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["toy", "0.011 (11)", "0.021 (21)", "-", "×1.91", "-"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["runs"]["toy"]["-10.0"] == [11, 0.011]
