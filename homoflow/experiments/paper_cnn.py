@@ -117,12 +117,12 @@ FULL = Config(epochs=10_000, epochs_comparison=10_000, attack_points=None)
 # the over-parameterization (about 8 000 parameters against 4.2 M) and the data, which bear on
 # how far the margin can grow and on test accuracy, not on whether it grows (see the ablation).
 # The size is a trade between test accuracy and time, measured on 2 cores (2026-12-03): with
-# the paper's scheduler the loss falls ~0.08-0.09 decades per epoch whatever the size (the
+# the paper's scheduler the loss falls ~0.07-0.09 decades per epoch whatever the size (the
 # paper: 10^-120 at epoch 935), at 3.0-3.3 SGD epochs per accepted epoch, so 10^-120 takes
-# ~1 400 epochs; test accuracy (40 epochs, full test set) is 95.9 % with 2 000 images, 96.5 %
+# ~1 500 epochs; test accuracy (40 epochs, full test set) is 95.9 % with 2 000 images, 96.5 %
 # with 4 000, and 97.1 % with 3 000 images at widths (8, 16, 32), whose epoch costs ~1.85x
-# this one's. At 4.2 s per accepted epoch this configuration's Table 1 run needs ~1.7 h to
-# reach 10^-120, the 97 % one ~3 h, and a 2 000-image one (~1 h) 96 %: on 2 cores the
+# this one's. At 4.2 s per accepted epoch this configuration's Table 1 run needs ~1.8 h to
+# reach 10^-120, the 97 % one ~3.3 h, and a 2 000-image one (~1 h) 96 %: on 2 cores the
 # issue's hour and 97 % exclude each other (README, "On real MNIST"). This one is between.
 MNIST_CPU = Config(data="mnist", train_size=4000, channels=(4, 8), kernel=(5, 3), hidden=32,
                    epochs=1600, epochs_comparison=50, attack_points=100, test_every=10,
