@@ -435,8 +435,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
 
     ``record_gradient=False`` records without the full-batch gradient (``beta`` is NaN;
     ``diagnostics(gradient=False)``): for SGD runs recorded every epoch, whose gradient
-    would cost more than the epoch's own steps (a CNN on thousands of images). The final
-    message's ||grad log L|| is then computed once, at the last state.
+    would cost more than the epoch's own steps (a CNN on thousands of images). A message
+    that quotes ||grad log L|| (a stopped or unseparated run) computes it once, at the
+    last state.
 
     ``resume=traj`` continues a run that an ``on_record`` hook ended (e.g. an interrupted
     ``homoflow run``): ``traj.state`` is its loop state at its last row, and the arguments
@@ -529,7 +530,9 @@ def descent(problem: Problem, params0, policy: Policy, steps: int, *,
     code = int(state.status)
     if code != RUNNING and (not rows or rows[-1]["step"] != int(state.step)):
         record(state)  # the last good state: nothing computed is lost
-    if not record_gradient:
+    if not record_gradient and (code != RUNNING
+                                or float(state.min_log_loss) >= problem.loss.log_threshold):
+        # only the messages of a stopped or unseparated run quote ||grad log L||
         last_grad_norm[0] = float(_grad_norm(problem, state.params))
     status, message = outcome(
         problem, policy, code, step=int(state.step), bad_step=int(state.bad_step),
