@@ -350,3 +350,8 @@ def test_margin_ablation_reads_the_first_epoch_below_each_threshold(tmp_path, ca
     assert cells == ["toy", "0.011 (11)", "0.021 (21)", "-", "×1.91", "-"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["runs"]["toy"]["-10.0"] == [11, 0.011]
+    # bad input names the bad value
+    with pytest.raises(SystemExit, match="run 'nolabel': expected LABEL=DIR"):
+        ablation.main(["nolabel"])
+    with pytest.raises(SystemExit, match=r"empty[/\\]epochs_no_bias_loss_based\.csv: no Table 1"):
+        ablation.main([f"x={tmp_path / 'empty'}"])
